@@ -1,0 +1,34 @@
+# Entry points for people and CI. Every target sets up .venv first (scripts/setup.sh, idempotent).
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= runs/demo-sst2-lora
+
+.PHONY: setup demo test test-slow test-all lint bench clean
+
+setup:
+	@./scripts/setup.sh
+
+# The embedded demo: pretrained MiniLM + the bundled sentiment set, LoRA, then scored before/after.
+demo: setup
+	$(BIN)/ftctl train --task sst2 --method lora --output-dir $(DEMO_DIR) --overwrite
+	$(BIN)/ftctl evaluate $(DEMO_DIR) --baseline
+
+# The default suite (what CI runs): fast tests, no network, no GPU.
+test: setup
+	$(BIN)/python -m pytest -n 2 -q
+
+# Slow tests: multi-process and real-model checks.
+test-slow: setup
+	$(BIN)/python -m pytest -n 2 -q -m slow
+
+test-all: setup
+	$(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check launch tasks methods tests bench
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
