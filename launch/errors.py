@@ -1,0 +1,42 @@
+"""User-facing errors: one readable line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+class FtctlError(Exception):
+    """A problem with what the user asked for (bad option, bad data, impossible combination).
+
+    Raised anywhere; the entry points print ``error: <message>`` on one line and exit with code 2.
+    The message says what is wrong and how to fix it.
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest valid name, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run an entry point; a user error becomes one `error: ...` line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except FtctlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
