@@ -1,0 +1,127 @@
+"""Reading datasets: local files and hub ids. The only module that touches data on disk or the hub.
+
+Local tables are read with pandas (CSV/TSV/TXT as text, so labels and ids keep their exact spelling), JSON/JSONL
+as records, Parquet with pyarrow; every failure becomes one clear FtctlError naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launch.errors import FtctlError
+
+if TYPE_CHECKING:
+    import datasets
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".parquet")
+SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+
+
+def check_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FtctlError(f"{what} not found: {path}")
+    if not p.is_file():
+        raise FtctlError(f"{what} is not a file: {path}")
+    if p.stat().st_size == 0:
+        raise FtctlError(f"{what} is empty: {path}")
+    return p
+
+
+def _sniff_delimiter(p: Path) -> str:
+    with p.open(encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    for delimiter in ("\t", ";", "|", ","):
+        if delimiter in header:
+            return delimiter
+    raise FtctlError(
+        f"cannot tell the column separator of {p} (no tab, ';', '|' or ',' in its header line); name it .csv or .tsv"
+    )
+
+
+def read_records(path: str, what: str = "data file") -> list[dict[str, Any]]:
+    """Rows of a JSON array (or `{"data": [...]}`) or a JSON Lines file."""
+    p = check_file(path, what)
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".jsonl" or (not text.lstrip().startswith("[") and "\n{" in text.strip()):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FtctlError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+        rows = rows["data"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise FtctlError(f"{what} {path} must hold a list of JSON objects (one per example)")
+    if not rows:
+        raise FtctlError(f"{what} has no examples: {path}")
+    return rows
+
+
+def read_table(path: str, what: str = "data file") -> datasets.Dataset:
+    """A local CSV/TSV/TXT/JSON/JSONL/Parquet file as a Dataset (text tables keep every cell as a string)."""
+    import datasets
+    import pandas as pd
+
+    p = check_file(path, what)
+    suffix = p.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise FtctlError(f"{what} {path} has an unsupported type '{suffix}'; use one of {', '.join(TABLE_SUFFIXES)}")
+    if suffix in (".json", ".jsonl"):
+        return datasets.Dataset.from_list(read_records(path, what))
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(p)
+        else:
+            delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix) or _sniff_delimiter(p)
+            # GLUE-style TSVs are unquoted; quotes inside sentences are text, not field delimiters.
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            frame = pd.read_csv(
+                p,
+                sep=delimiter,
+                dtype=str,
+                keep_default_na=False,
+                quoting=quoting,
+                encoding="utf-8",
+                on_bad_lines="error",
+            )
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FtctlError(f"cannot parse {what} {path}: {first}") from None
+    if frame.empty:
+        raise FtctlError(f"{what} has a header but no rows: {path}")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def load_hub(dataset_id: str, config: str | None) -> dict[str, datasets.Dataset]:
+    """A hub dataset's splits, under our split names (train, validation, test)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(dataset_id, config)
+    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FtctlError(
+            f"could not load dataset '{dataset_id}'{f' ({config})' if config else ''} from the Hugging Face hub: "
+            f"{reason}; for local data pass --train-file (and --validation-file/--test-file)"
+        ) from None
+    return {SPLIT_ALIASES[name]: split for name, split in loaded.items() if name in SPLIT_ALIASES}
+
+
+def to_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:  # NaN
+        return None
+    return str(value)
