@@ -1,0 +1,156 @@
+"""The method interface and registry.
+
+A method decides what is loaded (quantized or not), what is frozen, injected or wrapped, the optimizer's parameter
+groups, per-step hooks, and how the result is saved and loaded again. It works on whatever model the task built and
+always keeps the task's head trainable and saved. Variants that are configuration of one method (rsLoRA and DoRA
+of LoRA) register extra names with fixed settings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from launch.errors import FtctlError
+from launch.options import OptionSpec, specs_of
+from launch.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from launch.config import RunConfig
+    from tasks.base import Task
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@dataclass
+class Context:
+    """What a method may look at before the model is loaded, to refuse a combination early."""
+
+    cfg: RunConfig
+    task: Task
+    model_config: Any
+    family: str
+    facts: dict[str, Any] = field(default_factory=dict)  # launch facts: world size, DeepSpeed stage, device
+
+
+class Method:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    trains: ClassVar[str]  # what it trains, in a few words (for `ftctl list`)
+    Options: ClassVar[type] = NoOptions
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}  # registered name -> fixed settings; empty: just `name`
+    is_peft: ClassVar[bool] = False  # saves an adapter (loaded onto the base model) rather than a full model
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # task kind (or "*") -> run option defaults
+
+    def __init__(self, opts: Any, variant: str, settings: dict[str, Any]):
+        self.opts = opts
+        self.variant = variant
+        self.settings = settings
+
+    def check(self, ctx: Context) -> None:
+        """Refuse combinations that cannot work, before anything heavy is loaded."""
+
+    def load_kwargs(self, ctx: Context) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments (quantization, dtype)."""
+        return {}
+
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
+        """Freeze, inject or wrap; return the model to train."""
+        raise NotImplementedError
+
+    def param_groups(self, model: torch.nn.Module, args: Any, decay_names: set[str]) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups, or None for the Trainer's own (decay on matrices, not on biases/norms).
+        `args` are the TrainingArguments (base learning rate, weight decay); `decay_names` the parameters that
+        take weight decay."""
+        return None
+
+    def callbacks(self) -> list[Any]:
+        """Trainer callbacks, e.g. a per-step hook."""
+        return []
+
+    def save(self, trainer: Any, path: str) -> None:
+        """Write the trained result (adapter or full model) to `path`; the Trainer gathers it under ZeRO-3."""
+        trainer.save_model(path)
+
+    def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+        """Load what `save` wrote, ready for evaluation."""
+        return task.build_model(path, tokenizer, load_kwargs)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    cls: type[Method]
+    variant: str
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.cls.variants.get(self.variant, {})
+
+    def option_specs(self) -> list[OptionSpec]:
+        return specs_of(self.cls.Options, owner=f"method {self.cls.name}", group=f"{self.cls.name} method options")
+
+    def run_defaults(self, task_kind: str) -> dict[str, Any]:
+        return {**self.cls.defaults.get("*", {}), **self.cls.defaults.get(task_kind, {})}
+
+    def create(self, user_opts: dict[str, Any]) -> Method:
+        opts = self.cls.Options(**user_opts)
+        if hasattr(opts, "validate"):
+            opts.validate()
+        return self.cls(opts, self.variant, self.settings)
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method under its name, or under each of its variant names."""
+    for variant in cls.variants or {cls.name: {}}:
+        METHODS.add(variant, MethodSpec(cls, variant))
+    return cls
+
+
+def freeze_all_but(model: torch.nn.Module, module_names: list[str]) -> None:
+    """Freeze every parameter except those inside the named modules."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in module_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+
+
+def trained_modules(model: torch.nn.Module) -> list[str]:
+    """Trainable parameters as compact patterns (layer indices folded to `*`), for run.json."""
+    patterns: dict[str, None] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            patterns[re.sub(r"\.\d+\.", ".*.", name)] = None
+    return list(patterns)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters. PEFT's frozen copies of saved modules are not counted twice, and 4-bit
+    packed weights count as the parameters they hold."""
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def require_head(task: Task, method: str) -> None:
+    if not task.has_head:
+        raise FtctlError(
+            f"method '{method}' trains a task head, and task '{task.preset_name}' has none; use lora or full"
+        )

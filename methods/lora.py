@@ -1,0 +1,117 @@
+"""LoRA and its variants, through PEFT.
+
+- `lora`: low-rank updates W + (alpha/r) B A on chosen linear layers (Hu et al. 2021, arXiv:2106.09685).
+- `rslora`: rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732).
+- `dora`: weight-decomposed LoRA, magnitude and direction trained apart (Liu et al. 2024, arXiv:2402.09353).
+
+The task head is always trained and saved (`modules_to_save`), so the adapter directory alone reproduces the
+fine-tuned model on top of the base; it loads with plain `peft.PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from launch.errors import FtctlError
+from launch.options import option
+from methods.base import Context, Method, register_method
+from methods.layers import block_linear_names
+
+# Default target modules by model type: the attention query/value projections for encoders and T5 (the LoRA
+# paper's choice), every linear layer of the blocks for modern decoder LLMs (QLoRA's finding that all-linear
+# LoRA matches full fine-tuning).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "camembert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+}
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraOptions:
+    lora_r: int = option(8, "LoRA rank r")
+    lora_alpha: int | None = option(None, "LoRA scaling alpha (default: 2 x r)")
+    lora_dropout: float = option(0.1, "dropout on the LoRA path")
+    target_modules: list = option([], "module names to adapt, or all-linear (default: per architecture)")
+    lora_bias: str = option("none", "which biases train: none, all, lora_only", choices=("none", "all", "lora_only"))
+
+    def validate(self) -> None:
+        if self.lora_r < 1:
+            raise FtctlError(f"--lora-r must be at least 1, got {self.lora_r}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise FtctlError(f"--lora-alpha must be greater than 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise FtctlError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+def resolve_targets(model: Any, model_type: str, requested: list[str]) -> list[str]:
+    """The leaf module names LoRA adapts, checked against the model."""
+    targets = list(requested) or DEFAULT_TARGETS.get(model_type, [ALL_LINEAR])
+    linear = block_linear_names(model)
+    if targets == [ALL_LINEAR]:
+        targets = linear
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        raise FtctlError(
+            f"target module(s) {', '.join(missing)} not found in this {model_type} model; its block linear layers "
+            f"are: {', '.join(linear)} (or pass --target-modules all-linear)"
+        )
+    return targets
+
+
+@register_method
+class Lora(Method):
+    name = "lora"
+    description = "low-rank adapters on the attention (and MLP) projections, through PEFT"
+    trains = "low-rank adapters + head"
+    Options = LoraOptions
+    variants = {
+        "lora": {},
+        "rslora": {"use_rslora": True},
+        "dora": {"use_dora": True},
+    }
+    is_peft = True
+    defaults = {
+        "*": {"learning_rate": 5e-4},
+        "classification": {"learning_rate": 1e-3},
+        "regression": {"learning_rate": 3e-4},
+    }
+
+    def peft_config(self, model: Any, task: Any, ctx: Context) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type=task.peft_task_type,
+            r=self.opts.lora_r,
+            lora_alpha=self.opts.lora_alpha or 2 * self.opts.lora_r,
+            lora_dropout=self.opts.lora_dropout,
+            target_modules=resolve_targets(model, ctx.model_config.model_type, self.opts.target_modules),
+            bias=self.opts.lora_bias,
+            modules_to_save=task.head_modules(model) or None,
+            use_rslora=self.settings.get("use_rslora", False),
+            use_dora=self.settings.get("use_dora", False),
+        )
+
+    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+        from peft import get_peft_model
+
+        if ctx.cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        return get_peft_model(model, self.peft_config(model, task, ctx))
+
+    def load_trained(self, task: Any, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(task.build_model(base, tokenizer, load_kwargs), path)
