@@ -1,0 +1,268 @@
+"""The training engine: the transformers Trainer, configured from the run, with the task's evaluation and the
+method's hooks plugged in. The same code runs on CPU, one GPU, DDP and DeepSpeed; the launcher decides which.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from launch.config import RunConfig
+from launch.errors import FtctlError
+from launch.progress import RichProgress
+
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def batch_geometry(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(micro batch per process, accumulation steps) so that micro x accumulation x processes = global batch."""
+    if cfg.micro_batch_size and cfg.gradient_accumulation_steps:
+        micro, accum = cfg.micro_batch_size, cfg.gradient_accumulation_steps
+        if micro * accum * world != cfg.batch_size:
+            raise FtctlError(
+                f"--micro-batch-size {micro} x --gradient-accumulation-steps {accum} x {world} process(es) = "
+                f"{micro * accum * world}, not --batch-size {cfg.batch_size}; give two of the three"
+            )
+        return micro, accum
+    if cfg.gradient_accumulation_steps:
+        accum = cfg.gradient_accumulation_steps
+        if cfg.batch_size % (accum * world):
+            raise FtctlError(
+                f"--batch-size {cfg.batch_size} is not divisible by --gradient-accumulation-steps "
+                f"{accum} x {world} process(es)"
+            )
+        return cfg.batch_size // (accum * world), accum
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+    if cfg.batch_size % (micro * world):
+        raise FtctlError(
+            f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {micro} x {world} process(es)"
+        )
+    return micro, cfg.batch_size // (micro * world)
+
+
+def precision_flags(cfg: RunConfig) -> dict[str, bool]:
+    cuda = torch.cuda.is_available()
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise FtctlError("--precision fp16 needs a CUDA GPU; on CPU use fp32 or bf16")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise FtctlError("this GPU does not support bf16; use --precision fp16 or fp32")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def best_metric(cfg: RunConfig, task: Any) -> tuple[str, bool]:
+    metric = cfg.metric_for_best_model or task.primary_metric
+    if metric not in (*task.metrics, "loss"):
+        raise FtctlError(
+            f"--metric-for-best-model '{metric}' is not reported by task '{task.preset_name}'; "
+            f"choose one of: {', '.join((*task.metrics, 'loss'))}"
+        )
+    return metric, metric not in LOWER_IS_BETTER
+
+
+def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingArguments:
+    world = launched_world_size()
+    micro, accum = batch_geometry(cfg, world)
+    metric, greater = best_metric(cfg, task)
+    load_best = cfg.load_best_model_at_end and cfg.eval_strategy != "no"
+    if load_best and cfg.save_strategy != cfg.eval_strategy:
+        raise FtctlError(
+            f"picking the best checkpoint needs --save-strategy equal to --eval-strategy "
+            f"({cfg.save_strategy} vs {cfg.eval_strategy}); or pass --no-load-best-model-at-end"
+        )
+    if load_best and cfg.save_strategy == "steps" and cfg.save_steps % cfg.eval_steps:
+        raise FtctlError(
+            f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} to pick "
+            "the best checkpoint"
+        )
+    others = [r for r in cfg.report_to if r not in ("tensorboard", "none")]
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=cfg.eval_batch_size or 2 * micro,
+        gradient_accumulation_steps=accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        **precision_flags(cfg),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        eval_strategy=cfg.eval_strategy,
+        eval_on_start=cfg.eval_on_start and cfg.eval_strategy != "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        load_best_model_at_end=load_best,
+        metric_for_best_model=metric,
+        greater_is_better=greater,
+        report_to=others or "none",
+        disable_tqdm=True,
+        remove_unused_columns=False,  # our datasets hold exactly the model inputs, labels and `length`
+        label_names=["labels"],
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        dataloader_num_workers=cfg.dataloader_workers,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def check_world(args: TrainingArguments) -> None:
+    """Refuse a launch whose processes do not form one group (e.g. `accelerate launch --cpu --num_processes 2`
+    starting a single process, or processes that each train alone)."""
+    launched = launched_world_size()
+    if args.world_size != launched:
+        raise FtctlError(
+            f"the launcher set WORLD_SIZE={launched} but this process sees {args.world_size} process(es); the "
+            "processes are not one distributed group. Launch with `ftctl train --num-processes N` or "
+            "`accelerate launch --multi_gpu --num_processes N` (add --cpu for CPU)"
+        )
+
+
+class DropKeys:
+    """Wraps a collator: drops dataset columns that are for the sampler, not the model (`length`)."""
+
+    def __init__(self, collator: Any, keys: tuple[str, ...] = ("length",)):
+        self.collator = collator
+        self.keys = keys
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.collator([{k: v for k, v in f.items() if k not in self.keys} for f in features])
+
+
+class FtctlTrainer(Trainer):
+    """The stock Trainer plus three things: the task scores predictions against the exact split evaluated, the
+    method may bring its own parameter groups, and evaluation keeps dataset order."""
+
+    def __init__(self, *args: Any, task: Any, method: Any, **kwargs: Any):
+        self.task = task
+        self.method = method
+        self._scored: Any = None
+        super().__init__(
+            *args, compute_metrics=self._metrics, preprocess_logits_for_metrics=task.reduce_logits, **kwargs
+        )
+        self.remove_callback(PrinterCallback)
+
+    def _metrics(self, prediction: Any) -> dict[str, Any]:
+        return self.task.compute_metrics(prediction.predictions, prediction.label_ids, self._scored)
+
+    def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self._scored = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def predict(self, test_dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        self._scored = test_dataset
+        return super().predict(test_dataset, *args, **kwargs)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            groups = self.method.param_groups(opt_model, self.args, set(self.get_decay_parameter_names(opt_model)))
+            if groups is not None:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer(model)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        # The stock sampler shuffles evaluation data when training groups by length; we sort evaluation sets by
+        # length ourselves (same padding saving) and need predictions back in that order.
+        if self.args.world_size <= 1:
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return None
+
+
+class CopySpec(TrainerCallback):
+    """Puts the run spec into every checkpoint, so a checkpoint alone can be evaluated or resumed."""
+
+    def __init__(self, spec_path: Path):
+        self.spec_path = spec_path
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            import shutil
+
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                shutil.copy2(self.spec_path, checkpoint / self.spec_path.name)
+
+
+def build_trainer(
+    cfg: RunConfig,
+    args: TrainingArguments,
+    task: Any,
+    method: Any,
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    run_dir: Path | None = None,
+) -> FtctlTrainer:
+    callbacks: list[Any] = [RichProgress(), *method.callbacks()]
+    if run_dir is not None:
+        callbacks.append(CopySpec(run_dir / "spec.json"))
+        if "tensorboard" in cfg.report_to and args.process_index == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+
+            callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    pad_multiple = 8 if torch.cuda.is_available() else None  # tensor-core friendly shapes on GPU
+    return FtctlTrainer(
+        model=model,
+        args=args,
+        data_collator=DropKeys(task.collator(tokenizer, pad_multiple)),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        task=task,
+        method=method,
+    )
+
+
+def sort_by_length(encoded: Any) -> tuple[Any, np.ndarray]:
+    """The split sorted by token length (less padding per batch) and the order used."""
+    order = np.argsort(np.asarray(encoded["length"]), kind="stable")
+    return encoded.select(order.tolist()), order
+
+
+def score(trainer: FtctlTrainer, task: Any, encoded: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """(metrics, details, predictions in the split's original order) for one encoded split."""
+    ordered, order = sort_by_length(encoded)
+    output = trainer.predict(ordered, metric_key_prefix="eval")
+    speed_keys = ("runtime", "samples_per_second", "steps_per_second")
+    measured = {k[len("eval_") :]: v for k, v in output.metrics.items() if k.startswith("eval_")}
+    metrics = {k: v for k, v in measured.items() if k not in speed_keys}
+    details = {
+        **task.metric_details(output.predictions, output.label_ids, ordered),
+        "speed": {k: v for k, v in measured.items() if k in speed_keys},
+    }
+    inverse = np.argsort(order)
+    predictions = output.predictions
+    if isinstance(predictions, tuple):
+        predictions = tuple(p[inverse] for p in predictions)
+    else:
+        predictions = predictions[inverse]
+    return metrics, details, predictions

