@@ -1,0 +1,84 @@
+"""Config resolution: defaults, task and method defaults, presets, YAML, flags; the registries."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from launch.config import resolve
+from launch.errors import FtctlError
+from launch.registry import Registry
+
+
+def resolved(*argv: str):
+    return resolve(list(argv), prog="test")
+
+
+def test_layering_defaults_preset_method_yaml_flags(tmp_path):
+    r = resolved("--task", "sst2", "--method", "lora")
+    assert r.cfg.text_column == ["sentence"]  # preset
+    assert r.cfg.max_length == 256  # task default
+    assert r.cfg.learning_rate == 1e-3  # lora default for classification
+    assert resolved("--task", "sst2", "--method", "full").cfg.learning_rate == 5e-5
+    assert resolved("--task", "imdb").cfg.max_length == 512  # preset beats task default
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": "sst2",
+                "method": "lora",
+                "learning-rate": "5e-4",
+                "lora_r": 4,
+                "text_column": "review",
+                "epochs": 2,
+            }
+        )
+    )
+    r = resolved("--config", str(config))
+    assert r.cfg.learning_rate == 5e-4 and isinstance(r.cfg.learning_rate, float)  # YAML 1.1 reads 5e-4 as a string
+    assert r.method.opts.lora_r == 4 and r.cfg.text_column == ["review"] and r.cfg.epochs == 2.0
+    assert sorted(r.explicit) == ["epochs", "learning_rate", "lora_r", "method", "task", "text_column"]
+    r = resolved("--config", str(config), "--learning-rate", "1e-4", "--lora-r", "16")
+    assert r.cfg.learning_rate == 1e-4 and r.method.opts.lora_r == 16  # flags win over the file
+
+
+def test_flat_config_round_trips_through_yaml(tmp_path):
+    r = resolved("--task", "sst2", "--method", "freeze", "--freeze-layers", "1", "--seed", "7")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(r.flat()))
+    again = resolved("--config", str(path))
+    assert again.flat() == r.flat()
+
+
+def test_options_of_other_methods_and_tasks_are_refused():
+    with pytest.raises(FtctlError, match="--freeze-layers does not apply .* it belongs to: freeze"):
+        resolved("--task", "sst2", "--method", "lora", "--freeze-layers", "2")
+    with pytest.raises(FtctlError, match="--lora-r does not apply .* it belongs to: lora, rslora, dora"):
+        resolved("--task", "sst2", "--method", "head", "--lora-r", "2")
+
+
+def test_validation_messages():
+    with pytest.raises(FtctlError, match="--warmup-ratio must be in"):
+        resolved("--task", "sst2", "--warmup-ratio", "1.5")
+    with pytest.raises(FtctlError, match="--lora-dropout must be in"):
+        resolved("--task", "sst2", "--lora-dropout", "1")
+    with pytest.raises(FtctlError, match="say the same thing two ways"):
+        resolved("--task", "sst2", "--method", "freeze", "--freeze-layers", "1", "--train-last", "1")
+
+
+def test_registry_refuses_duplicates_and_suggests():
+    registry: Registry[int] = Registry("widget")
+    registry.add("alpha", 1)
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.add("alpha", 2)
+    with pytest.raises(FtctlError, match="unknown widget 'alpah' \\(did you mean 'alpha'\\?\\); valid widgets: alpha"):
+        registry.get("alpah")
+
+
+def test_every_task_and_method_is_registered():
+    from methods import METHODS
+    from tasks import TASKS
+
+    assert {"classification", "sst2", "imdb", "emotion", "amazon_polarity"} <= set(TASKS)
+    assert {"full", "lora", "rslora", "dora", "head", "freeze"} <= set(METHODS)

@@ -1,0 +1,143 @@
+"""End to end on tiny models: train, save, reload with plain transformers/peft, evaluate (with and without the
+baseline), for each backbone family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_loss_fell, read_jsonl, run_json
+
+RUN_KEYS = (
+    "trainable_params",
+    "total_params",
+    "trainable_percent",
+    "train_runtime_s",
+    "samples_per_second",
+    "peak_memory_mb",
+    "metrics",
+    "config",
+)
+
+
+def probabilities(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        return model(**enc).logits.float().softmax(-1)
+
+
+def saved_probabilities(run_dir) -> tuple[list[str], torch.Tensor]:
+    rows = read_jsonl(run_dir / "predictions.jsonl")
+    return [r["text"] for r in rows], torch.tensor([list(r["probabilities"].values()) for r in rows])
+
+
+def test_lora_run_directory_and_evaluate(train, data):
+    from launch.evaluate import main as evaluate
+
+    run_dir = train()
+    record = run_json(run_dir)
+    for key in RUN_KEYS:
+        assert key in record, key
+    assert 0 < record["trainable_params"] < record["total_params"]
+    assert record["trainable_percent"] == pytest.approx(100 * record["trainable_params"] / record["total_params"])
+    assert set(record["metrics"]) >= {"accuracy", "f1", "precision", "recall"}
+    assert record["config"]["task"] == "sst2" and record["config"]["method"] == "lora"
+    assert record["test_metrics"]["accuracy"] >= 0
+    assert_loss_fell(run_dir)
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "README.md",
+        "config.yaml",
+        "spec.json",
+        "predictions.jsonl",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "model.safetensors").exists(), "a LoRA run saves the adapter only"
+    assert not (run_dir / ".final.tmp").exists()
+
+    result = evaluate([str(run_dir)])
+    on_disk = json.loads((run_dir / "eval.json").read_text())
+    assert on_disk["accuracy"] == result["accuracy"]
+    assert {"accuracy", "f1", "precision", "recall"} <= set(on_disk)
+    assert "baseline" not in on_disk
+    assert on_disk["info"]["examples"] == 48  # the test split
+    # the run's own test score and the evaluate command agree (same model, same data)
+    assert on_disk["accuracy"] == pytest.approx(record["test_metrics"]["accuracy"])
+    assert len(read_jsonl(run_dir / "eval_predictions.jsonl")) == 48
+
+    out = run_dir.parent / "elsewhere" / "scores.json"
+    result = evaluate([str(run_dir), "--baseline", "--output", str(out), "--split", "validation"])
+    scored = json.loads(out.read_text())
+    assert {"accuracy", "f1"} <= set(scored["baseline"])
+    assert scored["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
+    assert (out.parent / "scores_baseline_predictions.jsonl").is_file()
+    assert scored["details"]["confusion_matrix"]["labels"] == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_adapter_reloads_with_plain_peft(train, models, family):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir = train(family=family)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        models[family], num_labels=2, pad_token_id=tokenizer.pad_token_id
+    )
+    texts, saved = saved_probabilities(run_dir)
+    untrained = probabilities(base, tokenizer, texts)
+    model = PeftModel.from_pretrained(base, run_dir)
+    reloaded = probabilities(model, tokenizer, texts)
+    torch.testing.assert_close(reloaded, saved, atol=2e-6, rtol=0)
+    assert not torch.allclose(untrained, saved, atol=1e-3), "the adapter changed nothing: head not saved?"
+
+
+def test_full_model_reloads_with_automodel(train):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir = train(method="full")
+    assert (run_dir / "model.safetensors").is_file()
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    texts, saved = saved_probabilities(run_dir)
+    torch.testing.assert_close(probabilities(model, tokenizer, texts), saved, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "family,method",
+    [
+        ("bert", "head"),
+        ("bert", "freeze"),
+        ("gpt2", "lora"),
+        ("gpt2", "full"),
+        ("llama", "lora"),
+        ("llama", "full"),
+        ("t5", "lora"),
+        ("t5", "full"),
+    ],
+)
+def test_family_trains_and_evaluates(train, family, method):
+    from launch.evaluate import main as evaluate
+
+    run_dir = train(family=family, method=method)
+    record = run_json(run_dir)
+    assert record["model"]["family"] == {"bert": "encoder", "t5": "encoder-decoder"}.get(family, "decoder")
+    assert_loss_fell(run_dir)
+    result = evaluate([str(run_dir)])
+    assert {"accuracy", "f1", "precision", "recall"} <= set(result)
+
+
+def test_checkpoint_directory_evaluates(train):
+    from launch.evaluate import main as evaluate
+
+    run_dir = train("--save-total-limit", "2")
+    checkpoints = sorted(run_dir.glob("checkpoint-*"))
+    assert checkpoints and all((c / "spec.json").is_file() for c in checkpoints)
+    result = evaluate([str(checkpoints[0])])
+    assert 0 <= result["accuracy"] <= 1
+    assert (checkpoints[0] / "eval.json").is_file()
