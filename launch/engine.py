@@ -4,6 +4,7 @@ method's hooks plugged in. The same code runs on CPU, one GPU, DDP and DeepSpeed
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,15 @@ def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingAr
         dataloader_num_workers=cfg.dataloader_workers,
         include_num_input_tokens_seen="non_padding",
     )
+
+
+def total_steps(args: TrainingArguments, train_examples: int) -> int:
+    """Optimizer steps the run will take, as the Trainer counts them (for schedules set up before training)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(train_examples / (args.per_device_train_batch_size * args.world_size))
+    per_epoch = max(batches // args.gradient_accumulation_steps, 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
 
 
 def check_world(args: TrainingArguments) -> None:
@@ -252,7 +262,7 @@ def score(trainer: FtctlTrainer, task: Any, encoded: Any) -> tuple[dict[str, Any
     """(metrics, details, predictions in the split's original order) for one encoded split."""
     ordered, order = sort_by_length(encoded)
     output = trainer.predict(ordered, metric_key_prefix="eval")
-    speed_keys = ("runtime", "samples_per_second", "steps_per_second")
+    speed_keys = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
     measured = {k[len("eval_") :]: v for k, v in output.metrics.items() if k.startswith("eval_")}
     metrics = {k: v for k, v in measured.items() if k not in speed_keys}
     details = {

@@ -70,6 +70,7 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
     with args.main_process_first(desc="tokenizing"):
         encoded = {name: task.encode(ds, tokenizer) for name, ds in splits.items()}
 
+    ctx.facts.update(train_examples=len(encoded["train"]), total_steps=engine.total_steps(args, len(encoded["train"])))
     set_seed(cfg.seed)
     load_kwargs = {"trust_remote_code": cfg.trust_remote_code, **method.load_kwargs(ctx)}
     model = method.apply(task.build_model(model_ref, tokenizer, load_kwargs), task, ctx)

@@ -36,7 +36,9 @@ class Context:
     task: Task
     model_config: Any
     family: str
-    facts: dict[str, Any] = field(default_factory=dict)  # launch facts: world size, DeepSpeed stage, device
+    # launch facts (num_processes, distributed_type, deepspeed_stage, device); train_examples and total_steps are
+    # added once the data is loaded, before `apply`
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
@@ -73,6 +75,10 @@ class Method:
     def callbacks(self) -> list[Any]:
         """Trainer callbacks, e.g. a per-step hook."""
         return []
+
+    def record(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Extra facts for run.json's "method" entry (e.g. parameter groups, final ranks)."""
+        return {}
 
     def save(self, trainer: Any, path: str) -> None:
         """Write the trained result (adapter or full model) to `path`; the Trainer gathers it under ZeRO-3."""
