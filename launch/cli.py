@@ -31,11 +31,23 @@ def _forward(main, args: list[str]) -> int:
 @app.command(context_settings=FORWARD, add_help_option=False)
 def train(ctx: typer.Context) -> None:
     """Fine-tune a model on a task with a method. All options: [bold]ftctl train --help[/]."""
-    from functools import partial
+    raise typer.Exit(_forward(_train, ctx.args))
 
+
+def _train(argv: list[str]) -> None:
+    """Run training here, or through accelerate's launcher when launcher options are given."""
+    from launch import launcher
     from launch.train import main
 
-    raise typer.Exit(_forward(partial(main, prog="ftctl train"), ctx.args))
+    if any(a in ("-h", "--help") for a in argv):
+        print(launcher.launcher_help())
+    options, rest = launcher.split(argv)
+    if launcher.wants_launcher(options):
+        code = launcher.launch(options, rest)
+        if code:
+            raise SystemExit(code)  # the training processes already said why
+        return
+    main(rest, prog="ftctl train")
 
 
 @app.command(context_settings=FORWARD, add_help_option=False)
@@ -46,12 +58,24 @@ def evaluate(ctx: typer.Context) -> None:
     raise typer.Exit(_forward(main, ctx.args))
 
 
+@app.command(context_settings=FORWARD, add_help_option=False)
+def merge(ctx: typer.Context) -> None:
+    """Fold a run's LoRA-family adapter into its base model. All options: [bold]ftctl merge --help[/]."""
+    from launch.merge import main
+
+    raise typer.Exit(_forward(main, ctx.args))
+
+
+FAMILY_SHORT = {"encoder": "enc", "decoder": "dec", "encoder-decoder": "enc-dec"}
+
+
 @app.command("list")
 def list_(
     tasks: bool = typer.Option(False, "--tasks", help="only tasks"),
     methods: bool = typer.Option(False, "--methods", help="only methods"),
 ) -> None:
-    """What ftctl can do: tasks with their presets and metrics, methods with what they train."""
+    """What ftctl can do: tasks with their presets and metrics, methods with what they train and the compatibility
+    matrix (which architecture families each method runs on, per task kind)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -81,6 +105,50 @@ def list_(
             options = " ".join(s.flag for s in spec.option_specs())
             table.add_row(name, spec.cls.trains, options, spec.cls.description)
         console.print(table)
+
+        from methods import matrix
+
+        rows = matrix.table()
+        kinds = list(rows[0]["cells"]) if rows else []
+        table = Table(
+            title="compatibility: architecture families per task kind (x = refused, with the reason, before "
+            "anything is loaded)",
+            title_justify="left",
+        )
+        table.add_column("method", no_wrap=True, style="bold")
+        for kind in kinds:
+            table.add_column(kind, overflow="fold")
+        table.add_column("also refused with", overflow="fold")
+        table.add_column("merge", no_wrap=True)
+        marks = {matrix.SUPPORTED: "[green]✓[/]", matrix.REFUSED: "[red]x[/]"}
+        for row in rows:
+            cells = [
+                " ".join(
+                    f"{marks[verdict]} {FAMILY_SHORT[family]}"
+                    for family, verdict in row["cells"][kind].items()
+                    if verdict != matrix.NOT_A_TASK_FAMILY
+                )
+                for kind in kinds
+            ]
+            merge = "✓" if row["mergeable"] else "-"
+            table.add_row(row["method"], *cells, "; ".join(row["conditions"]) or "-", merge)
+        console.print(table)
+
+
+@app.command(context_settings=FORWARD, add_help_option=False)
+def grid(ctx: typer.Context) -> None:
+    """Run a comparison grid from a YAML file; re-run it to resume. All options: [bold]ftctl grid --help[/]."""
+    from launch.grid import main
+
+    raise typer.Exit(_forward(main, ctx.args))
+
+
+@app.command(context_settings=FORWARD, add_help_option=False)
+def report(ctx: typer.Context) -> None:
+    """Compare finished runs or a grid: tables and plots. All options: [bold]ftctl report --help[/]."""
+    from launch.report import main
+
+    raise typer.Exit(_forward(main, ctx.args))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ class RunConfig:
         None, "Hugging Face model id or local directory (default: the embedded pretrained MiniLM)", group=RUN
     )
     trust_remote_code: bool = option(False, "allow model repositories to run their own Python code", group=RUN)
+    allow_pickle_weights: bool = option(
+        False, "also load .bin (pickle) weights, which can run code when loaded; default: safetensors only", group=RUN
+    )
 
     dataset: str | None = option(None, "Hugging Face dataset id (overrides the preset's dataset)", group=DATA)
     dataset_config: str | None = option(None, "dataset configuration name, e.g. sst2 for glue", group=DATA)
@@ -58,6 +61,10 @@ class RunConfig:
         0.1, "fraction of the train data held out when no validation data is given", group=DATA
     )
     max_length: int | None = option(None, "truncate inputs to this many tokens (default: per task)", group=DATA)
+    token_cache: bool = option(
+        True, "reuse tokenized data from earlier runs with the same data, tokenizer and settings "
+        "($FTCTL_CACHE, default ~/.cache/ftctl)", group=DATA,
+    )
 
     epochs: float = option(3.0, "training epochs", group=TRAIN)
     max_steps: int | None = option(None, "stop after this many optimizer steps (overrides --epochs)", group=TRAIN)
@@ -79,8 +86,20 @@ class RunConfig:
         "auto", "numeric precision; auto = bf16 on GPUs that support it, else fp32", choices=PRECISIONS, group=TRAIN
     )
     gradient_checkpointing: bool = option(False, "recompute activations to save memory", group=TRAIN)
+    compile: bool = option(False, "torch.compile the model (pays off on long GPU runs)", group=TRAIN)
+    liger_kernel: bool | None = option(
+        None, "Liger Triton kernels (CUDA; default: on when liger-kernel is installed and a GPU is used)", group=TRAIN
+    )
     group_by_length: bool = option(True, "batch examples of similar length together (less padding)", group=TRAIN)
     dataloader_workers: int = option(0, "data-loading worker processes", group=TRAIN)
+    deepspeed: str | None = option(
+        None, "DeepSpeed config: a name in ds_configs/ (zero1, zero2, zero2_offload_optimizer, zero3, "
+        "zero3_offload_params_optimizer) or a JSON path", group=TRAIN,
+    )
+    ddp_timeout: int = option(
+        1800, "seconds processes wait for each other (e.g. while the main process tokenizes a large dataset)",
+        group=TRAIN,
+    )
 
     eval_strategy: str = option("epoch", "when to evaluate on the validation data", choices=STRATEGIES, group=EVAL)
     eval_steps: int | None = option(None, "evaluate every N steps (with --eval-strategy steps)", group=EVAL)
@@ -93,6 +112,12 @@ class RunConfig:
     save_strategy: str = option("epoch", "when to write a checkpoint", choices=STRATEGIES, group=EVAL)
     save_steps: int | None = option(None, "checkpoint every N steps (with --save-strategy steps)", group=EVAL)
     save_total_limit: int = option(2, "keep at most this many checkpoints (the best one is always kept)", group=EVAL)
+    save_every: int | None = option(
+        None, "checkpoint every N steps (and evaluate then, to pick the best): --save-strategy steps --save-steps N",
+        group=EVAL,
+    )
+    keep_last: int | None = option(None, "keep the last K checkpoints (the best is kept too): --save-total-limit K",
+                                   group=EVAL)
     logging_steps: int = option(10, "log the training loss every N steps", group=EVAL)
     early_stopping_patience: int | None = option(None, "stop after N evaluations without improvement", group=EVAL)
     metric_for_best_model: str | None = option(
@@ -109,6 +134,14 @@ class RunConfig:
     )
 
     def validate(self) -> None:
+        if self.save_every is not None:
+            if self.save_every <= 0:
+                raise FtctlError(f"--save-every must be greater than 0, got {self.save_every}")
+            self.save_strategy, self.save_steps = "steps", self.save_every
+            if self.load_best_model_at_end and self.eval_strategy != "no":
+                self.eval_strategy, self.eval_steps = "steps", self.save_every
+        if self.keep_last is not None:
+            self.save_total_limit = self.keep_last
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -128,6 +161,8 @@ class RunConfig:
         for name, value in positive.items():
             if value is not None and value <= 0:
                 raise FtctlError(f"--{name.replace('_', '-')} must be greater than 0, got {value}")
+        if self.ddp_timeout <= 0:
+            raise FtctlError(f"--ddp-timeout must be greater than 0 seconds, got {self.ddp_timeout}")
         for name in ("weight_decay", "max_grad_norm", "warmup_steps", "dataloader_workers"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -12,12 +12,22 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import get_last_checkpoint
 
 from launch.config import RunConfig
 from launch.errors import FtctlError
 from launch.progress import RichProgress
+from launch.reliability import (
+    EpochSeededLengthGroupedSampler,
+    GracefulStop,
+    TrainingDiverged,
+    agree,
+    write_checkpoint_atomically,
+)
 
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
+GENERATION_PREFIX = "generation_"  # batch keys holding the prompt to generate from (decoders), not model inputs
 
 
 def launched_world_size() -> int:
@@ -63,6 +73,16 @@ def precision_flags(cfg: RunConfig) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def use_liger(cfg: RunConfig) -> bool:
+    """Liger kernels: asked for (then they must be usable), or by default when installed and on CUDA."""
+    import importlib.util
+
+    usable = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    if cfg.liger_kernel and not usable:
+        raise FtctlError("--liger-kernel needs a CUDA GPU and the liger-kernel package (pip install ftctl[gpu])")
+    return usable if cfg.liger_kernel is None else cfg.liger_kernel
+
+
 def best_metric(cfg: RunConfig, task: Any) -> tuple[str, bool]:
     metric = cfg.metric_for_best_model or task.primary_metric
     if metric not in (*task.metrics, "loss"):
@@ -89,7 +109,7 @@ def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingAr
             "the best checkpoint"
         )
     others = [r for r in cfg.report_to if r not in ("tensorboard", "none")]
-    return TrainingArguments(
+    settings = dict(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
@@ -121,12 +141,28 @@ def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingAr
         report_to=others or "none",
         disable_tqdm=True,
         remove_unused_columns=False,  # our datasets hold exactly the model inputs, labels and `length`
-        label_names=["labels"],
+        label_names=list(task.target_keys),
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         length_column_name="length",
         dataloader_num_workers=cfg.dataloader_workers,
         include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),  # without it, CPU processes of one launch would each train alone
+        torch_compile=cfg.compile,
+        use_liger_kernel=use_liger(cfg),
+        deepspeed=deepspeed_config(cfg.deepspeed),
+        ddp_timeout=cfg.ddp_timeout,
     )
+    try:
+        return TrainingArguments(**settings)
+    except ValueError as exc:  # the settings were checked above; what is left is the launch environment
+        reason = str(exc).strip().splitlines()[0]
+        if world > 1:
+            raise FtctlError(
+                f"the environment says WORLD_SIZE={world} but this process cannot join a distributed group "
+                f"({reason}); the processes are not one distributed group. Launch with `ftctl train --num-processes "
+                "N` or `accelerate launch --multi_gpu --num_processes N` (which runs on the CPU too)"
+            ) from None
+        raise FtctlError(f"invalid training settings: {reason}") from None
 
 
 def total_steps(args: TrainingArguments, train_examples: int) -> int:
@@ -138,15 +174,59 @@ def total_steps(args: TrainingArguments, train_examples: int) -> int:
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
+def deepspeed_config(ref: str | None) -> str | None:
+    """A DeepSpeed config by name (ds_configs/NAME.json) or path, checked to parse."""
+    if not ref:
+        return None
+    import json
+
+    from launch.launcher import DS_CONFIGS
+
+    path = Path(ref)
+    if not path.suffix and not path.exists():
+        path = DS_CONFIGS / f"{ref}.json"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in DS_CONFIGS.glob("*.json")))
+        raise FtctlError(f"DeepSpeed config not found: {ref}; use a JSON path or one of: {names}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FtctlError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
+        raise FtctlError(f"DeepSpeed config {path} must be a JSON object with a zero_optimization object")
+    return str(path.resolve())
+
+
+def deepspeed_stage(args: TrainingArguments) -> int | None:
+    """The ZeRO stage of this run (from --deepspeed or an accelerate DeepSpeed config), None without DeepSpeed."""
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is not None:
+        return int(hf_config.config.get("zero_optimization", {}).get("stage", 0))
+    state = args.distributed_state
+    if state is not None and str(state.distributed_type).endswith("DEEPSPEED"):
+        from accelerate.state import AcceleratorState
+
+        plugin = AcceleratorState().deepspeed_plugin
+        return int(plugin.zero_stage) if plugin is not None else None
+    return None
+
+
 def check_world(args: TrainingArguments) -> None:
     """Refuse a launch whose processes do not form one group (e.g. `accelerate launch --cpu --num_processes 2`
     starting a single process, or processes that each train alone)."""
     launched = launched_world_size()
-    if args.world_size != launched:
+    world = args.world_size
+    if world > 1 and getattr(args, "hf_deepspeed_config", None) is not None:
+        import deepspeed
+
+        # ZeRO-3 partitions weights while they load (zero.Init), which asks DeepSpeed's own communicator for the
+        # world size; on CPU, accelerate initialised torch.distributed but not that communicator.
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    if world != launched:
         raise FtctlError(
             f"the launcher set WORLD_SIZE={launched} but this process sees {args.world_size} process(es); the "
             "processes are not one distributed group. Launch with `ftctl train --num-processes N` or "
-            "`accelerate launch --multi_gpu --num_processes N` (add --cpu for CPU)"
+            "`accelerate launch --multi_gpu --num_processes N` (which runs on the CPU too)"
         )
 
 
@@ -162,28 +242,84 @@ class DropKeys:
 
 
 class FtctlTrainer(Trainer):
-    """The stock Trainer plus three things: the task scores predictions against the exact split evaluated, the
-    method may bring its own parameter groups, and evaluation keeps dataset order."""
+    """The stock Trainer plus four things: the task scores predictions against the exact split evaluated, the
+    method may bring its own parameter groups, evaluation keeps dataset order, and tasks that generate are
+    evaluated on generated text (the Seq2SeqTrainer's job, done here for decoders as well; see `prediction_step`)."""
 
     def __init__(self, *args: Any, task: Any, method: Any, **kwargs: Any):
         self.task = task
         self.method = method
         self._scored: Any = None
-        super().__init__(
-            *args, compute_metrics=self._metrics, preprocess_logits_for_metrics=task.reduce_logits, **kwargs
-        )
+        self._generating = False
+        super().__init__(*args, compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce, **kwargs)
         self.remove_callback(PrinterCallback)
+        if not task.loss_counts_items:
+            # transformers assumes any model whose forward takes **kwargs divides its loss by the number of label
+            # items it is given; heads that average per micro-batch (classification, regression, QA, most token
+            # classifiers, T5/BART LM losses) then get their loss multiplied by the process count and not divided
+            # by the accumulation steps. Saying so restores the mean-loss handling: results independent of the
+            # number of processes and of how the global batch is accumulated.
+            self.model_accepts_loss_kwargs = False
+
+    def _reduce(self, logits: Any, labels: Any) -> Any:
+        return logits if self._generating else self.task.reduce_logits(logits, labels)
 
     def _metrics(self, prediction: Any) -> dict[str, Any]:
+        if self._generating and not self.task.generates:
+            return {}  # sample outputs of a task scored without generating: nothing to score
         return self.task.compute_metrics(prediction.predictions, prediction.label_ids, self._scored)
 
     def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._scored = eval_dataset if eval_dataset is not None else self.eval_dataset
-        return super().evaluate(eval_dataset, *args, **kwargs)
+        self._generating = self.task.generates
+        try:
+            return super().evaluate(eval_dataset, *args, **kwargs)
+        finally:
+            self._generating = False
 
-    def predict(self, test_dataset: Any, *args: Any, **kwargs: Any) -> Any:
+    def predict(self, test_dataset: Any, *args: Any, generate: bool | None = None, **kwargs: Any) -> Any:
+        """`generate`: predictions are generated token ids (default: when the task generates)."""
         self._scored = test_dataset
-        return super().predict(test_dataset, *args, **kwargs)
+        self._generating = self.task.generates if generate is None else generate
+        try:
+            return super().predict(test_dataset, *args, **kwargs)
+        finally:
+            self._generating = False
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        inputs = {k: v for k, v in inputs.items() if not k.startswith(GENERATION_PREFIX)}
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def prediction_step(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[Any, Any, Any]:
+        """Scores logits as the stock Trainer does; when generating, also runs `generate` on the prompt alone.
+
+        Decoders generate from `generation_input_ids` (the prompt without the answer, left-padded by the task's
+        collator), encoder-decoders from the encoder input only (never `labels` or decoder inputs), so no label
+        leaks into what the model sees. The loss is still the teacher-forced loss on the full batch. Under ZeRO-3
+        every process must keep calling forward until all are done (`synced_gpus`), or generation hangs.
+        """
+        prompt = {k[len(GENERATION_PREFIX) :]: inputs.pop(k) for k in list(inputs) if k.startswith(GENERATION_PREFIX)}
+        if not self._generating or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        has_labels = all(inputs.get(k) is not None for k in self.label_names)
+        loss = super().prediction_step(model, inputs, True, ignore_keys)[0] if has_labels else None
+        inputs = self._prepare_inputs(inputs)
+        encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        if encoder_decoder:
+            prompt = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        else:
+            prompt = self._prepare_inputs(prompt)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        kwargs = {"use_cache": True, "synced_gpus": is_deepspeed_zero3_enabled(), **self.task.generation_kwargs()}
+        with torch.no_grad():
+            generated = self.model.generate(**prompt, **kwargs)
+        # keep the new tokens only: drop the prompt (decoders) or the decoder start token (encoder-decoders)
+        generated = generated[:, 1:] if encoder_decoder else generated[:, prompt["input_ids"].shape[1] :]
+        labels = inputs.get(self.label_names[0]) if has_labels else None
+        return loss, generated, labels
 
     def create_optimizer(self, model: Any = None) -> Any:
         opt_model = self.model if model is None else model
@@ -193,6 +329,36 @@ class FtctlTrainer(Trainer):
                 optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return super().create_optimizer(model)
+
+    # ---- reliability: see launch/reliability.py ------------------------------------------------------------------
+    _checkpoint_root: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._checkpoint_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        write_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if agree(not bool(torch.isfinite(loss.detach()).all()), self.args):
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; training stopped and "
+                f"no later checkpoint was written (last good one: {last or 'none'}). Lower --learning-rate, or use "
+                "--precision bf16/fp32 instead of fp16"
+            )
+        return loss
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            # Group by the global batch, not the per-process one: then the processes split exactly the batches one
+            # process would see, and results do not depend on the number of processes.
+            args = self.args
+            global_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+            return EpochSeededLengthGroupedSampler(global_batch, sampler.lengths, args.data_seed or 0)
+        return sampler
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
         # The stock sampler shuffles evaluation data when training groups by length; we sort evaluation sets by
@@ -228,7 +394,7 @@ def build_trainer(
     eval_dataset: Any,
     run_dir: Path | None = None,
 ) -> FtctlTrainer:
-    callbacks: list[Any] = [RichProgress(), *method.callbacks()]
+    callbacks: list[Any] = [RichProgress(), GracefulStop(), *method.callbacks()]
     if run_dir is not None:
         callbacks.append(CopySpec(run_dir / "spec.json"))
         if "tensorboard" in cfg.report_to and args.process_index == 0:
@@ -242,7 +408,7 @@ def build_trainer(
     return FtctlTrainer(
         model=model,
         args=args,
-        data_collator=DropKeys(task.collator(tokenizer, pad_multiple)),
+        data_collator=DropKeys(task.collator(tokenizer, pad_multiple), ("length", *task.extra_columns)),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -269,10 +435,17 @@ def score(trainer: FtctlTrainer, task: Any, encoded: Any) -> tuple[dict[str, Any
         **task.metric_details(output.predictions, output.label_ids, ordered),
         "speed": {k: v for k, v in measured.items() if k in speed_keys},
     }
-    inverse = np.argsort(order)
-    predictions = output.predictions
-    if isinstance(predictions, tuple):
-        predictions = tuple(p[inverse] for p in predictions)
-    else:
-        predictions = predictions[inverse]
+    predictions = task.example_predictions(unsort(output.predictions, order), encoded)
+    if task.samples:  # a task scored without generating shows what the model writes for its first examples
+        shown = encoded.select(range(min(task.samples, len(encoded))))
+        generated = trainer.predict(shown, metric_key_prefix="sample", generate=True).predictions
+        predictions = task.add_samples(predictions, generated)
     return metrics, details, predictions
+
+
+def unsort(predictions: Any, order: np.ndarray) -> Any:
+    """Predictions made on `encoded.select(order)`, back in `encoded`'s order."""
+    inverse = np.argsort(order)
+    if isinstance(predictions, tuple):
+        return tuple(p[inverse] for p in predictions)
+    return predictions[inverse]

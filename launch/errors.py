@@ -18,6 +18,7 @@ class FtctlError(Exception):
     """
 
     exit_code = EXIT_USAGE
+    label = "error"
 
     def __init__(self, message: str):
         super().__init__(" ".join(message.split()))
@@ -34,7 +35,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     try:
         main(argv)
     except FtctlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{exc.label}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task.state = spec["task_state"]
     check_weights(weights, method.is_peft)
 
-    from launch.models import load_config, load_tokenizer, model_family, resolve_model
+    from launch.models import load_config, load_kwargs, load_tokenizer, model_family, resolve_model
 
     base_ref = resolve_model(opts["model"]) if opts["model"] else None
     if method.is_peft:
@@ -146,17 +146,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import set_seed
 
     from launch import engine
+    from launch.cache import encode_cached
     from launch.console import console, show_metrics
     from methods.base import Context
 
     tokenizer = load_tokenizer(str(weights), cfg.trust_remote_code)
     task.prepare_tokenizer(tokenizer, family)
-    encoded = task.encode(raw, tokenizer)
+    encoded = encode_cached(task, raw, tokenizer, cfg.token_cache)
     ctx = Context(cfg=cfg, task=task, model_config=model_config, family=family)
-    load_kwargs = {"trust_remote_code": cfg.trust_remote_code, **method.load_kwargs(ctx)}
+    model_kwargs = {**load_kwargs(cfg), **method.load_kwargs(ctx)}
 
     with tempfile.TemporaryDirectory(prefix="ftctl-eval-") as scratch:
         cfg.report_to, cfg.eval_strategy, cfg.save_strategy, cfg.early_stopping_patience = ["none"], "no", "no", None
+        cfg.deepspeed = None  # scoring needs no sharded optimizer; the saved result loads without DeepSpeed
         args = engine.training_arguments(cfg, task, scratch)
         engine.check_world(args)
 
@@ -167,14 +169,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return metrics, details, predictions, time.time() - started
 
         try:
-            model = method.load_trained(task, str(weights), base_ref, tokenizer, load_kwargs)
+            model = method.load_trained(task, str(weights), base_ref, tokenizer, model_kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
             raise FtctlError(f"cannot load the fine-tuned model from {weights}: {str(exc).splitlines()[0]}") from None
         after, details, predictions, seconds = evaluate_model(model)
         before = None
         if opts["baseline"]:
             set_seed(cfg.seed)  # the untrained head starts from the same seeded initialisation as training did
-            base = task.build_model(base_ref, tokenizer, load_kwargs)
+            base = task.build_model(base_ref, tokenizer, model_kwargs)
             before, before_details, before_predictions, _ = evaluate_model(base)
 
     result: dict[str, Any] = {**after, "details": details}

@@ -95,8 +95,27 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
         raise FtctlError(f"cannot load the tokenizer of '{ref}': {_reason(exc)}") from None
 
 
+FP16_UNSAFE = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+
+
+def load_kwargs(cfg: Any) -> dict[str, Any]:
+    """`from_pretrained` arguments every load gets: remote code only if asked, safetensors unless pickle is allowed."""
+    return {"trust_remote_code": cfg.trust_remote_code, "use_safetensors": None if cfg.allow_pickle_weights else True}
+
+
+def check_precision(cfg: Any, model_config: Any) -> None:
+    if cfg.precision == "fp16" and model_config.model_type in FP16_UNSAFE:
+        raise FtctlError(f"--precision fp16 overflows to NaN in {model_config.model_type} models (a known issue); use "
+                         "--precision bf16 (or fp32)")
+
+
 def from_pretrained(auto_cls: Any, ref: str, **kwargs: Any) -> Any:
     """`auto_cls.from_pretrained` with load errors turned into one clear line."""
+    local = Path(ref)
+    if kwargs.get("use_safetensors") and local.is_dir() and not any(local.glob("*.safetensors")):
+        if any(local.glob("*.bin")):
+            raise FtctlError(f"{ref} has only pickle (.bin) weights, which can run code when loaded; convert them to "
+                             "safetensors, or pass --allow-pickle-weights if you trust the source")
     try:
         return auto_cls.from_pretrained(ref, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

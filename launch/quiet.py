@@ -21,6 +21,8 @@ def quiet() -> None:
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }.items():
         os.environ.setdefault(key, value)
+    if not os.path.exists("/dev/nvidiactl"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed warns when it has to guess
     for name in ("bitsandbytes", "huggingface_hub", "datasets", "accelerate", "DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -31,11 +33,7 @@ def quiet_transformers() -> None:
     """Called once transformers is imported: no weight-loading progress bars."""
     if os.environ.get("FTCTL_VERBOSE"):
         return
-    import torch
     from transformers.utils import logging as hf_logging
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed warns when it has to guess
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -8,6 +8,7 @@ validation (and test) split; stage the final model and commit the run directory,
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -37,18 +38,19 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
     """Resolve and check everything; load data, tokenizer and model; apply the method. Writes nothing."""
     from launch import rundir
     from launch.config import default_output_dir, resolve
-    from launch.models import load_config, load_tokenizer, model_family, resolve_model
+    from launch.models import check_precision, load_config, load_kwargs, load_tokenizer, model_family, resolve_model
 
     run = resolve(argv, prog)
     cfg, task, method = run.cfg, run.task, run.method
     cfg.output_dir = cfg.output_dir or default_output_dir(cfg)
     rundir.check_target(cfg.output_dir, cfg.overwrite, bool(cfg.resume or cfg.resume_from))
-    resume_checkpoint = _resume_checkpoint(cfg)
+    resume_checkpoint = _resume_checkpoint(run)
 
     model_ref = resolve_model(cfg.model)
     model_config = load_config(model_ref, cfg.trust_remote_code)
     family = model_family(model_config)
     task.check_model(model_config, family)
+    check_precision(cfg, model_config)
 
     from launch.quiet import quiet_transformers
 
@@ -56,6 +58,7 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
     from transformers import set_seed
 
     from launch import engine
+    from launch.cache import encode_cached
     from methods.base import Context
 
     args = engine.training_arguments(cfg, task, cfg.output_dir)
@@ -65,15 +68,17 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
 
     tokenizer = load_tokenizer(model_ref, cfg.trust_remote_code)
     task.prepare_tokenizer(tokenizer, family)
-    splits = task.load()
-    task.check_data(splits, training=True)
-    with args.main_process_first(desc="tokenizing"):
-        encoded = {name: task.encode(ds, tokenizer) for name, ds in splits.items()}
+    # The main process reads (hub downloads land in the datasets cache) and tokenizes first; the others then find
+    # both in the caches instead of repeating the work (and `--ddp-timeout` bounds how long they wait).
+    with args.main_process_first(desc="loading and tokenizing the data"):
+        splits = task.load()
+        task.check_data(splits, training=True)
+        encoded = {name: encode_cached(task, ds, tokenizer, cfg.token_cache) for name, ds in splits.items()}
 
     ctx.facts.update(train_examples=len(encoded["train"]), total_steps=engine.total_steps(args, len(encoded["train"])))
     set_seed(cfg.seed)
-    load_kwargs = {"trust_remote_code": cfg.trust_remote_code, **method.load_kwargs(ctx)}
-    model = method.apply(task.build_model(model_ref, tokenizer, load_kwargs), task, ctx)
+    model = method.apply(task.build_model(model_ref, tokenizer, {**load_kwargs(cfg), **method.load_kwargs(ctx)}),
+                         task, ctx)
     return Setup(run, model_ref, model_config, family, args, tokenizer, splits, encoded, model, resume_checkpoint)
 
 
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
     started = time.time()
     result = trainer.train(resume_from_checkpoint=s.resume_checkpoint)
     train_seconds = time.time() - started
+    _raise_if_stopped(trainer, argv if argv is not None else sys.argv[1:], prog)
 
     metrics, details, predictions = engine.score(trainer, task, s.encoded["validation"])
     test_metrics = engine.score(trainer, task, s.encoded["test"])[0] if "test" in s.encoded else None
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
     trainer.accelerator.wait_for_everyone()
     method.save(trainer, str(staging))  # every process takes part: ZeRO-3 gathers the weights
     if main_process:
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer adds; run.json has it all
         s.tokenizer.save_pretrained(str(staging))
         record = _record(
             s,
@@ -159,6 +166,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
             metrics,
             details,
             test_metrics,
+            saved=staging,
         )
         record["wall_time_s"] = time.time() - started_process
         (staging / "README.md").write_text(model_card(record), encoding="utf-8")
@@ -180,44 +188,78 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
     return metrics
 
 
-def _resume_checkpoint(cfg: Any) -> str | None:
+def _raise_if_stopped(trainer: Any, argv: list[str], prog: str) -> None:
+    """After a signal, the Trainer has written a checkpoint and stopped: say where it is and how to continue."""
+    import signal
+
+    from launch.reliability import GracefulStop, RunStopped
+
+    stopper = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
+    if stopper.received is None:
+        return
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer.accelerator.wait_for_everyone()
+    checkpoint = get_last_checkpoint(trainer.args.output_dir)
+    again = shlex.join([*prog.split(), *[a for a in argv if a not in ("--overwrite", "--resume")], "--resume"])
+    raise RunStopped(
+        f"{signal.Signals(stopper.received).name} received: stopped after step {trainer.state.global_step} with a "
+        f"checkpoint in {checkpoint}; continue with: {again}",
+        stopper.received,
+    )
+
+
+def _resume_checkpoint(run: Any) -> str | None:
+    """The checkpoint to continue from (`--resume`: the newest complete one in --output-dir), checked against this
+    run: a checkpoint of a run with another task, method, model or adapter shape is refused."""
+    import dataclasses
+
     from launch import rundir
     from launch.errors import FtctlError
 
+    cfg = run.cfg
     if cfg.resume_from:
-        path = Path(cfg.resume_from)
-        if not path.is_dir():
+        checkpoint = Path(cfg.resume_from)
+        if not checkpoint.is_dir():
             raise FtctlError(f"--resume-from: checkpoint directory not found: {cfg.resume_from}")
-        return str(path)
-    if not cfg.resume:
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
+    elif cfg.resume:
+        from transformers.trainer_utils import get_last_checkpoint
 
-    out = Path(cfg.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if last is None:
-        raise FtctlError(f"--resume: no checkpoint in {cfg.output_dir} to continue from; drop --resume to start anew")
-    spec_path = out / rundir.SPEC_FILE
-    if spec_path.is_file():
-        old = rundir.read_json(spec_path, "run spec")["config"]
-        for key in ("task", "method", "model"):
-            if old.get(key) != getattr(cfg, key):
-                raise FtctlError(
-                    f"--resume: {cfg.output_dir} holds a run with {key}={old.get(key)!r}, not "
-                    f"{getattr(cfg, key)!r}; resume with the same settings or use another --output-dir"
-                )
-    return last
+        out = Path(cfg.output_dir)
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise FtctlError(
+                f"--resume: no checkpoint in {cfg.output_dir} to continue from; drop --resume to start anew"
+            )
+        checkpoint = Path(last)
+    else:
+        return None
+    spec_path = checkpoint / rundir.SPEC_FILE
+    if not spec_path.is_file():
+        raise FtctlError(f"{checkpoint} is not a checkpoint written by ftctl (no {rundir.SPEC_FILE}); cannot resume it")
+    old = rundir.read_json(spec_path, "checkpoint spec").get("config", {})
+    now = run.flat()
+    for key in ("task", "method", "model", "deepspeed", *(f.name for f in dataclasses.fields(run.method.opts))):
+        if old.get(key) != now.get(key):
+            raise FtctlError(
+                f"cannot resume {checkpoint}: it was trained with {key}={old.get(key)!r}, this run has "
+                f"{key}={now.get(key)!r}; resume with the same settings or start a new --output-dir"
+            )
+    return str(checkpoint)
 
 
 def launch_facts(args: Any) -> dict[str, Any]:
     import torch
 
+    from launch.engine import deepspeed_stage
+
     state = args.distributed_state
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
     return {
         "num_processes": args.world_size,
-        "num_machines": int(os.environ.get("NUM_MACHINES", "1")),
+        "num_machines": max(1, args.world_size // max(1, local)),
         "distributed_type": str(state.distributed_type).split(".")[-1].lower() if state is not None else "no",
-        "deepspeed_stage": None,
+        "deepspeed_stage": deepspeed_stage(args),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
 
@@ -269,8 +311,10 @@ def _record(
     metrics: dict,
     details: dict,
     test_metrics: dict | None,
+    saved: Path | None = None,
 ) -> dict[str, Any]:
     from launch.models import EMBEDDED_HUB_ID, EMBEDDED_NAME, is_embedded
+    from methods.base import saved_weights
 
     task, method = s.run.task, s.run.method
     state = trainer.state
@@ -296,6 +340,7 @@ def _record(
             "peft": method.is_peft,
             "description": method.description,
             "trained_modules": modules,
+            **method.record(s.model),  # method facts: parameter groups, final ranks, quantization, ...
         },
         "model": {
             "name_or_path": s.model_ref,
@@ -303,6 +348,7 @@ def _record(
             "hub_id": EMBEDDED_HUB_ID if embedded else None,
             "model_type": s.model_config.model_type,
             "family": s.family,
+            "attention": getattr(getattr(trainer.model, "config", None), "_attn_implementation", None),
         },
         "data": {"source": task.data_source, **{f"{n}_examples": len(d) for n, d in s.splits.items()}},
         "versions": _versions(),
@@ -312,6 +358,7 @@ def _record(
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "reduction_percent": 100 * (1 - trainable / total),
+        "saved_weights": saved_weights(saved) if saved else None,  # the adapter (PEFT methods) or model on disk
         "train_runtime_s": train_seconds,
         "samples_per_second": result.metrics.get("train_samples_per_second"),
         "tokens_per_second": tokens / train_seconds if train_seconds else None,

@@ -16,6 +16,10 @@ import tiny  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "FTCTL_CACHE" not in os.environ:  # keep the tokenized-data cache of test runs out of the user's home
+    import tempfile
+
+    os.environ["FTCTL_CACHE"] = tempfile.mkdtemp(prefix="ftctl-test-cache-")
 
 # Fast settings for test runs on tiny random models: enough steps to leave the initial plateau, an evaluation
 # before the first step (the loss to beat), no TensorBoard.
@@ -34,6 +38,17 @@ FAST = [
     "1",
     "--eval-on-start",
 ]
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Each test starts from the same environment. transformers and accelerate export RANK, LOCAL_RANK,
+    MASTER_PORT, ... while setting up a run in-process, and leave them behind even when the setup is refused; a later
+    test (and every subprocess it starts) would then take itself for one rank of a distributed launch."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,211 @@
+"""`ftctl train` launcher options: build the `accelerate launch ... -m launch.train ...` command.
+
+With none of these options, `ftctl train` runs `launch.train.main` in this process. With any of them, it runs
+accelerate's launcher, which starts the processes (on this machine, or this machine's share of a multi-node job);
+each process runs the same `launch.train.main` with the same training options.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from launch.errors import FtctlError
+from launch.options import Parser
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELERATE_CONFIGS = REPO / "accelerate_configs"
+DS_CONFIGS = REPO / "ds_configs"
+
+
+def launcher_parser() -> Parser:
+    parser = Parser(prog="ftctl train", add_help=False)
+    group = parser.add_argument_group("launcher (ftctl train only)")
+    group.add_argument("--accelerate-config", metavar="NAME|PATH",
+                       help=f"accelerate config: a file in {ACCELERATE_CONFIGS.name}/ (without .yaml) or a path")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in total, over all machines")
+    group.add_argument("--num-machines", type=int, metavar="M", help="machines taking part")
+    group.add_argument("--machine-rank", type=int, metavar="R", help="this machine's rank (0 = main)")
+    group.add_argument("--main-process-ip", metavar="IP", help="address of the rank-0 machine")
+    group.add_argument("--main-process-port", type=int, metavar="PORT", help="free TCP port on the rank-0 machine")
+    group.add_argument("--rendezvous-timeout", type=int, default=300, metavar="S",
+                       help="seconds the launchers wait for each other before failing (default: 300)")
+    group.add_argument("--dry-run", action="store_true", help="print the launch command instead of running it")
+    return parser
+
+
+def launcher_help() -> str:
+    """The launcher options' section of `ftctl train --help`."""
+    parser = launcher_parser()
+    formatter = parser._get_formatter()
+    for group in parser._action_groups:
+        if group.title and group.title.startswith("launcher"):
+            formatter.start_section(group.title)
+            formatter.add_arguments(group._group_actions)
+            formatter.end_section()
+    return formatter.format_help()
+
+
+def split(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """(launcher options, the remaining training arguments)."""
+    if any(a in ("-h", "--help") for a in argv):
+        return {}, argv
+    options, rest = launcher_parser().parse_known_args(argv)
+    return vars(options), rest
+
+
+def wants_launcher(options: dict[str, Any]) -> bool:
+    return bool(options.get("accelerate_config") or (options.get("num_processes") or 1) > 1
+                or (options.get("num_machines") or 1) > 1 or options.get("dry_run"))
+
+
+def resolve_accelerate_config(ref: str) -> Path:
+    path = Path(ref)
+    if not path.suffix and not path.exists():
+        path = ACCELERATE_CONFIGS / f"{ref}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
+        raise FtctlError(f"accelerate config not found: {ref}; use a path or one of: {names}")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise FtctlError(f"accelerate config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise FtctlError(f"accelerate config {path} must be a mapping")
+    return data
+
+
+def build_command(options: dict[str, Any], train_argv: list[str]) -> list[str]:
+    """The accelerate launch command for these launcher options and training arguments."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    config: dict[str, Any] = {}
+    if options.get("accelerate_config"):
+        path = resolve_accelerate_config(options["accelerate_config"])
+        config = _read_yaml(path)
+        cmd += ["--config_file", str(path)]
+        ds_file = (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        if ds_file and not Path(ds_file).is_file() and (REPO / ds_file).is_file():
+            cmd += ["--deepspeed_config_file", str(REPO / ds_file)]  # the shipped configs name repo-relative paths
+    processes = options.get("num_processes") or config.get("num_processes") or 1
+    machines = options.get("num_machines") or config.get("num_machines") or 1
+    if machines > processes:
+        raise FtctlError(f"--num-machines {machines} is more than --num-processes {processes} (processes in total)")
+    if processes % machines:
+        raise FtctlError(f"--num-processes {processes} does not split evenly over --num-machines {machines}")
+    if not config and processes > 1:
+        cmd.append("--multi_gpu")  # accelerate's multi-process launcher; runs on the CPU when there is no GPU
+    if not config:
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # ftctl's own --precision decides
+    for flag, key in (("--num_processes", "num_processes"), ("--num_machines", "num_machines"),
+                      ("--machine_rank", "machine_rank"), ("--main_process_ip", "main_process_ip"),
+                      ("--main_process_port", "main_process_port")):
+        if options.get(key) is not None:
+            cmd += [flag, str(options[key])]
+    if machines > 1 and not options.get("main_process_ip") and not config.get("main_process_ip"):
+        raise FtctlError("a multi-machine run needs --main-process-ip (the rank-0 machine's address)")
+    if not config:  # accelerate warns about every launch setting left to its defaults
+        cmd += [] if options.get("num_processes") is not None else ["--num_processes", str(processes)]
+        cmd += [] if options.get("num_machines") is not None else ["--num_machines", str(machines)]
+    if processes > 1:
+        if options["rendezvous_timeout"] <= 0:
+            raise FtctlError(f"--rendezvous-timeout must be greater than 0, got {options['rendezvous_timeout']}")
+        cmd += ["--rdzv_conf", f"timeout={options['rendezvous_timeout']}"]
+    return [*cmd, "-m", "launch.train", *train_argv]
+
+
+def launch(options: dict[str, Any], train_argv: list[str]) -> int:
+    cmd = build_command(options, train_argv)
+    if options.get("dry_run"):
+        print(shlex.join(cmd))
+        return 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    relay = StderrRelay(options)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        relay.feed(line)
+    relay.close()
+    code = proc.wait()
+    if code and (relay.explained or relay.usage_error):
+        return 2  # a usage error, already explained in one line
+    if code and relay.stopped is not None:
+        return relay.stopped
+    return code
+
+
+class StderrRelay:
+    """Passes the launched processes' stderr through, with three changes: the same `error:` line from several
+    processes is shown once; the launcher's own traceback for a rendezvous timeout becomes one line saying what to
+    check; and its ChildFailedError report, which only repeats that a process failed, is dropped (the process
+    already said why)."""
+
+    TIMEOUT_SIGNS = ("DistStoreError", "DistNetworkError", "waiting for clients", "timed out", "Timed out")
+    # c10d/torch-elastic log lines and C++ stack dumps: noise once the failure is explained in one line
+    NOISE = re.compile(
+        r"^((\[rank\d+\]:)?\[[WI]\d{4} |\[?[EWIF]\d{4} \d\d:\d\d:\d\d|frame #\d+:|Exception raised from "
+        r"|<omitting python frames>)"
+    )
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+        self.seen: set[str] = set()
+        self.block: list[str] | None = None
+        self.silent = False
+        self.explained = False
+        self.usage_error = False
+        self.stopped: int | None = None
+
+    def feed(self, line: str) -> None:
+        if self.silent:
+            return
+        if self.block is not None:
+            self.block.append(line)
+            if line.strip() and not line.startswith((" ", "\t")) and not line.startswith("Traceback"):
+                self._finish_block()
+            return
+        if line.startswith("Traceback (most recent call last)"):
+            self.block = [line]
+            return
+        if self.NOISE.match(line) or not line.strip():
+            return
+        if line.startswith(("error: ", "stopped: ")):
+            if line in self.seen:
+                return
+            self.seen.add(line)
+            self.usage_error |= line.startswith("error: ")
+            if line.startswith("stopped: "):
+                self.stopped = 128 + (signal.SIGINT if "SIGINT" in line else signal.SIGTERM)
+        sys.stderr.write(line)
+
+    def _finish_block(self) -> None:
+        block, self.block = self.block or [], None
+        last = block[-1]
+        if "ChildFailedError" in last:
+            self.silent = True
+        elif any(sign in last for sign in self.TIMEOUT_SIGNS):
+            self.silent = self.explained = True
+            o = self.options
+            where = f"{o.get('main_process_ip') or 'the main machine'}:{o.get('main_process_port') or 29500}"
+            sys.stderr.write(
+                f"error: the launchers did not all meet at {where} within {o['rendezvous_timeout']} s "
+                f"({last.strip().split(': ', 1)[-1]}); start the same ftctl train command on every machine with its "
+                "own --machine-rank, and check --main-process-ip, --main-process-port and the firewall\n"
+            )
+        else:
+            sys.stderr.writelines(block)
+
+    def close(self) -> None:
+        if self.block:
+            sys.stderr.writelines(self.block)
