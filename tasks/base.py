@@ -58,6 +58,14 @@ class Task:
     has_head: ClassVar[bool] = True  # a separate head on top of the backbone (not a language-model task)
     auto_model: ClassVar[str]  # the transformers Auto class that loads the fine-tuned model
     pipeline_tag: ClassVar[str]  # the hub's pipeline tag, for the model card
+    target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding the targets (QA: start/end positions)
+    # encoded columns kept for scoring (offsets, gold references, example ids); never handed to the model
+    extra_columns: ClassVar[tuple[str, ...]] = ()
+    # The loss sums over label items and divides by `num_items_in_batch` (exact token-level normalisation across
+    # micro-batches and processes); False: the model's loss is a per-micro-batch mean (see FtctlTrainer).
+    loss_counts_items: ClassVar[bool] = False
+    generates: ClassVar[bool] = False  # evaluation predictions are generated token ids (see `generation_kwargs`)
+    samples: int = 0  # tasks scored without generating: also generate outputs for this many examples at the end
 
     def __init__(self, cfg: RunConfig, opts: Any, preset_name: str):
         self.cfg = cfg
@@ -180,6 +188,10 @@ class Task:
         return heads + fresh
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
+    def generation_kwargs(self) -> dict[str, Any]:
+        """`model.generate` arguments for evaluation (tasks that generate)."""
+        return {}
+
     def reduce_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shrink model outputs on the device before they are gathered (e.g. argmax)."""
         return logits
@@ -191,6 +203,15 @@ class Task:
     def metric_details(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
         """Non-scalar analysis for the final evaluation (per-class report, confusion matrix, ...)."""
         return {}
+
+    def example_predictions(self, predictions: Any, encoded: datasets.Dataset) -> Any:
+        """Per-example predictions from per-row ones, both in `encoded`'s order. Rows are examples for most tasks;
+        where they are not (QA windows), `encoded` carries the row-to-example mapping and this decodes it."""
+        return predictions
+
+    def add_samples(self, predictions: Any, generated: Any) -> Any:
+        """Attach the generated outputs of the first `samples` examples to the per-example predictions."""
+        return predictions
 
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         """One JSON-able row per example for predictions.jsonl."""

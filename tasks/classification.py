@@ -264,7 +264,13 @@ class ClassificationTask(Task):
         precision, recall, f1, _ = precision_recall_fscore_support(
             labels, predicted, labels=list(range(len(self.label_names))), average="macro", zero_division=0
         )
+        import numpy as np
+
+        # Cross-entropy over exactly the scored examples; the Trainer's own eval loss averages per-batch means,
+        # which counts the padding rows of uneven last batches when several processes evaluate.
+        true_probability = predictions[np.arange(len(labels)), labels]
         return {
+            "loss": float(-np.log(np.clip(true_probability, 1e-12, None)).mean()),
             "accuracy": float(accuracy_score(labels, predicted)),
             "f1": float(f1),
             "precision": float(precision),

@@ -125,3 +125,106 @@ def to_text(value: Any) -> str | None:
     if isinstance(value, float) and value != value:  # NaN
         return None
     return str(value)
+
+
+def read_json_objects(path: str, what: str = "data file") -> list[dict[str, Any]]:
+    """Rows of a JSON array, `{"data": [...]}`, JSON Lines, or JSON objects written one after another (pretty-printed
+    or not), as some dataset samples are."""
+    p = check_file(path, what)
+    text = p.read_text(encoding="utf-8")
+    try:
+        return read_records(path, what)
+    except FtctlError:
+        if not text.lstrip().startswith("{"):
+            raise
+    decoder = json.JSONDecoder()
+    rows, at = [], 0
+    while at < len(text):
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            break
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as exc:
+            raise FtctlError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        rows.append(value)
+    if len(rows) == 1 and isinstance(rows[0], dict) and isinstance(rows[0].get("data"), list):
+        rows = rows[0]["data"]
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise FtctlError(f"{what} {path} must hold JSON objects (one per example)")
+    return rows
+
+
+def read_conll(path: str, what: str, token_column: str, tag_column: str) -> datasets.Dataset:
+    """A CoNLL column file: one token per line (`token POS chunk NER`, whitespace separated; the token is the first
+    column and the tag the last), a blank line between sentences, `-DOCSTART-` lines skipped."""
+    import datasets
+
+    p = check_file(path, what)
+    sentences: list[dict[str, list[str]]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    with p.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields or fields[0] == "-DOCSTART-":
+                if tokens:
+                    sentences.append({token_column: tokens, tag_column: tags})
+                tokens, tags = [], []
+                continue
+            if len(fields) < 2:
+                raise FtctlError(
+                    f"{what} {path} line {number} has one column ('{line.strip()}'); CoNLL lines hold a token and "
+                    "its tag (`token POS chunk NER`)"
+                )
+            tokens.append(fields[0])
+            tags.append(fields[-1])
+    if tokens:
+        sentences.append({token_column: tokens, tag_column: tags})
+    if not sentences:
+        raise FtctlError(f"{what} has no sentences: {path}")
+    return datasets.Dataset.from_list(sentences)
+
+
+def read_parallel(path: str, what: str, partner: str, source_column: str, target_column: str) -> datasets.Dataset:
+    """Two line-aligned text files (source and target side) as one table."""
+    import datasets
+
+    p, q = check_file(path, what), check_file(partner, f"{what} (target side)")
+    sources = p.read_text(encoding="utf-8").splitlines()
+    targets = q.read_text(encoding="utf-8").splitlines()
+    if len(sources) != len(targets):
+        raise FtctlError(
+            f"parallel files {path} and {partner} have {len(sources)} and {len(targets)} lines; they must align"
+        )
+    return datasets.Dataset.from_dict({source_column: sources, target_column: targets})
+
+
+def read_squad(path: str, what: str) -> list[dict[str, Any]]:
+    """Question-answering rows (`id`, `question`, `context`, `answers`, ...) from the official SQuAD JSON (nested
+    `data` / `paragraphs` / `qas`) or from flat JSON/JSONL rows, which are returned as they are."""
+    rows = read_json_objects(path, what)
+    if not any("paragraphs" in r for r in rows):
+        return rows
+    flat = []
+    for article in rows:
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph.get("context", "")
+            for qa in paragraph.get("qas", []):
+                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+                flat.append(
+                    {
+                        "id": str(qa.get("id", len(flat))),
+                        "title": article.get("title", ""),
+                        "context": context,
+                        "question": qa.get("question", ""),
+                        "answers": {
+                            "text": [a["text"] for a in answers],
+                            "answer_start": [a.get("answer_start", -1) for a in answers],
+                        },
+                    }
+                )
+    if not flat:
+        raise FtctlError(f"{what} {path} has no questions (SQuAD layout: data / paragraphs / qas)")
+    return flat

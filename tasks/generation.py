@@ -1,0 +1,287 @@
+"""What every text-to-text task shares: prompts, tokenization with the loss on the target only, batching, the
+model class per family, generation settings, and decoding generated ids back to text.
+
+Encoder-decoders (T5, BART) read the prompt in the encoder and learn the target as `labels`. Decoders (GPT-2,
+Llama, Phi, ...) read `prompt + target + EOS` with the prompt's labels set to -100, so only the target (and the EOS
+that ends it) is learned; labels are built from the tokens, never by masking the pad id, so a decoder whose pad
+token is its EOS still learns to stop. Padding is masked out of the loss (-100) and of attention. Decoders are
+given a pad token that is not their EOS where the tokenizer has one to spare (its unknown token), else their EOS.
+
+At evaluation the engine generates from the prompt alone: the collator adds `generation_input_ids` (the prompt,
+left-padded) for decoders; encoder-decoders generate from the right-padded encoder input. Labels never reach the
+model's input there. Generation settings: `--num-beams`, `--max-new-tokens`, `--no-repeat-ngram-size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from launch.errors import FtctlError
+from launch.options import option
+from tasks.base import Task
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+T5_TYPES = ("t5", "mt5", "umt5", "longt5")  # trained with task prefixes ("summarize: ", "translate ...: ")
+
+
+@dataclass
+class GenerationOptions:
+    num_beams: int = option(1, "beams for generation at evaluation (1: greedy)")
+    max_new_tokens: int | None = option(None, "most tokens generated per example at evaluation (default: per task)")
+    no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size when generating (0: off)")
+    max_target_length: int | None = option(None, "truncate targets to this many tokens (default: per task)")
+
+    def validate(self) -> None:
+        for name in ("num_beams", "max_new_tokens", "max_target_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FtctlError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.no_repeat_ngram_size < 0:
+            raise FtctlError(f"--no-repeat-ngram-size must not be negative, got {self.no_repeat_ngram_size}")
+
+
+class GenerationCollator:
+    """Pads a batch: inputs right (attention mask 0), labels with -100, and for decoders the prompt alone, left,
+    as `generation_input_ids` / `generation_attention_mask` for `generate`."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_id = pad_id
+        self.multiple = pad_to_multiple_of
+
+    def _width(self, rows: list[list[int]]) -> int:
+        width = max(len(r) for r in rows)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        return width
+
+    def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+        import torch
+
+        width = self._width(rows)
+        padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+        return torch.tensor(padded, dtype=torch.long)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        inputs = [list(f["input_ids"]) for f in features]
+        batch = {
+            "input_ids": self._pad(inputs, self.pad_id),
+            "attention_mask": self._pad([[1] * len(r) for r in inputs], 0),
+        }
+        if "labels" in features[0]:
+            batch["labels"] = self._pad([list(f["labels"]) for f in features], -100)
+        if "prompt_ids" in features[0]:
+            prompts = [list(f["prompt_ids"]) for f in features]
+            batch["generation_input_ids"] = self._pad(prompts, self.pad_id, left=True)
+            batch["generation_attention_mask"] = self._pad([[1] * len(r) for r in prompts], 0, left=True)
+        return batch
+
+
+def special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids the tokenizer puts before, after) a single text: [BOS] for Llama, [] and [</s>] for T5, none for GPT-2."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for at in range(len(full) - len(plain) + 1):
+        if full[at : at + len(plain)] == plain:
+            return full[:at], full[at + len(plain) :]
+    return [], []
+
+
+class GenerationTask(Task):
+    """Base of the tasks whose output is text. Subclasses say how an example becomes a prompt and a target
+    (`prompt_parts`, `target`), what the references are, and how texts are scored (`score_texts`)."""
+
+    kind = "generation"
+    has_head = False
+    generates = True
+    families = ("encoder-decoder", "decoder")
+    Options = GenerationOptions
+    extra_columns = ("references",)
+    peft_task_type = "SEQ_2_SEQ_LM"
+    auto_model = "AutoModelForSeq2SeqLM"
+    pipeline_tag = "text2text-generation"
+    decoder_pipeline_tag = "text-generation"
+    max_new_tokens = 64  # generation length when neither the option nor the preset says
+    max_target_length = 128
+    encoder_prefix = ""  # T5-family prefix, e.g. "summarize: "
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.family = "encoder-decoder"
+        self.model_type = ""
+        self.tokenizer: Any = None
+
+    # ---- what subclasses define -------------------------------------------------------------------------------
+    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
+        """(head, body, tail) of the prompt; only the body is shortened when the prompt is too long."""
+        raise NotImplementedError
+
+    def target(self, example: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def references(self, example: dict[str, Any]) -> list[str]:
+        return [self.target(example)]
+
+    def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        raise NotImplementedError
+
+    # ---- settings -----------------------------------------------------------------------------------------------
+    def setting(self, name: str) -> int:
+        """An option's value, else the preset's, else the task's."""
+        value = getattr(self.opts, name, None)
+        return int(value if value is not None else self.preset.facts.get(name, getattr(self, name)))
+
+    @property
+    def t5_style(self) -> bool:
+        return self.family == "encoder-decoder" and self.model_type in T5_TYPES
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    def check_model(self, model_config: Any, family: str) -> None:
+        super().check_model(model_config, family)
+        self.family, self.model_type = family, model_config.model_type
+        if family == "decoder":
+            self.peft_task_type, self.auto_model = "CAUSAL_LM", "AutoModelForCausalLM"
+            self.pipeline_tag = self.decoder_pipeline_tag
+            # causal-LM losses sum over response tokens and divide by the count the Trainer passes: exact
+            # token-level normalisation across micro-batches and processes
+            self.loss_counts_items = True
+
+    def prepare_tokenizer(self, tokenizer: Any, family: str) -> None:
+        if tokenizer.pad_token is None:
+            spare = tokenizer.unk_token if tokenizer.unk_token not in (None, tokenizer.eos_token) else None
+            if spare is None and tokenizer.eos_token is None:
+                raise FtctlError("the tokenizer has neither a pad nor an end-of-sequence token to pad with")
+            tokenizer.pad_token = spare or tokenizer.eos_token
+        if family == "decoder" and tokenizer.eos_token is None:
+            raise FtctlError("this decoder's tokenizer has no end-of-sequence token, so it could not learn to stop")
+        self.tokenizer = tokenizer
+
+    def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        auto = AutoModelForCausalLM if self.family == "decoder" else AutoModelForSeq2SeqLM
+        model = self.load_pretrained(auto, ref, **load_kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        """No head: the language-model output layer is pretrained (and often tied to the embeddings). Only modules
+        the checkpoint lacked must train."""
+        return list(self.new_modules)
+
+    def load_args(self, model_config: Any) -> dict[str, Any]:
+        return {}
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+        max_length = min(self.cfg.max_length, tokenizer.model_max_length or self.cfg.max_length)
+        decoder = self.family == "decoder"
+        max_target = self.setting("max_target_length")
+        if decoder:  # prompt and target share the decoder's length
+            max_target = min(max_target, max_length // 2)
+        before, after = special_ids(tokenizer)
+        eos = tokenizer.eos_token_id
+
+        def ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+        def encode_batch(batch: dict[str, list]) -> dict[str, list]:
+            out: dict[str, list] = {"input_ids": [], "labels": [], "references": [], "length": []}
+            if decoder:
+                out["prompt_ids"] = []
+            examples = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+            for example in examples:
+                head, body, tail = self.prompt_parts(example)
+                target = ids(self.target(example))[:max_target]
+                if decoder:
+                    head_ids, tail_ids = before + ids(head), ids(tail)
+                    room = max_length - len(head_ids) - len(tail_ids) - len(target) - 1
+                    if room < 1:
+                        raise FtctlError(
+                            f"--max-length {max_length} leaves no room for the input beside the prompt template and "
+                            f"a {len(target)}-token target; raise --max-length or lower --max-target-length"
+                        )
+                    prompt = head_ids + ids(body)[:room] + tail_ids
+                    out["prompt_ids"].append(prompt)
+                    out["input_ids"].append(prompt + target + [eos])
+                    out["labels"].append([-100] * len(prompt) + target + [eos])
+                else:
+                    text = (self.encoder_prefix if self.t5_style else "") + head + body + tail
+                    source = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+                    label_ids = before + target + after if after else before + target + [eos]
+                    out["input_ids"].append(source)
+                    out["labels"].append(label_ids)
+                out["references"].append(self.references(example))
+                out["length"].append(len(out["input_ids"][-1]))
+            return out
+
+        return ds.map(encode_batch, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
+        return GenerationCollator(tokenizer.pad_token_id, pad_to_multiple_of)
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    def generation_kwargs(self) -> dict[str, Any]:
+        tokenizer = self.tokenizer
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.setting("max_new_tokens"),
+            "num_beams": self.opts.num_beams,
+            "do_sample": False,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if self.opts.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.opts.no_repeat_ngram_size
+        return kwargs
+
+    def texts(self, generated: Any) -> list[str]:
+        """Generated ids (padded with -100 or the pad id) as text, each cut at its first end-of-sequence token."""
+        tokenizer = self.tokenizer
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        out = []
+        for row in generated:
+            ids = []
+            for token in (int(t) for t in row):
+                if token == eos:
+                    break
+                if token >= 0 and token != pad:
+                    ids.append(token)
+            out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return out
+
+    def compute_metrics(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
+        return self.score_texts(self.texts(predictions), [list(r) for r in encoded["references"]])
+
+    def example_predictions(self, predictions: Any, encoded: datasets.Dataset) -> list[str]:
+        return self.texts(predictions)
+
+    def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
+        rows = []
+        for i, example in enumerate(raw):
+            head, body, tail = self.prompt_parts(example)
+            references = self.references(example)
+            row = {"index": i, "prompt": head + body + tail, "reference": references[0], "prediction": predictions[i]}
+            if len(references) > 1:
+                row["references"] = references
+            rows.append(row)
+        return rows
+
+
+def require_columns(splits: dict[str, datasets.Dataset], columns: list[str], flags: dict[str, str]) -> None:
+    """Every split has the columns, else one line naming what is there and the flag that chooses it."""
+    for split, ds in splits.items():
+        if len(ds) == 0:
+            raise FtctlError(f"{split} data has no examples")
+        for column in columns:
+            if column not in ds.column_names:
+                flag = flags.get(column, "")
+                raise FtctlError(
+                    f"{split} data has no column '{column}'; columns found: {', '.join(ds.column_names)}"
+                    + (f" (choose with {flag})" if flag else "")
+                )

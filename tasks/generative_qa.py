@@ -1,0 +1,70 @@
+"""Generative question answering on SQuAD-format data: the model writes the answer instead of pointing at it.
+
+Encoder-decoders read `question: <q> context: <c>` (the T5 paper's format); decoders read
+`Context: <c>\\nQuestion: <q>\\nAnswer:` and learn the answer after it (the context is what gets shortened when the
+prompt is too long). The target is the first gold answer; generated answers are scored with the official SQuAD
+normalisation against all gold answers: exact match and F1 (0-100).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from launch.errors import FtctlError
+from tasks.base import Preset, register_task
+from tasks.extractive_qa import COLUMNS, ExtractiveQaTask, answers_of
+from tasks.generation import GenerationTask
+from tasks.metrics import squad_scores
+
+if TYPE_CHECKING:
+    import datasets
+
+
+@register_task
+class GenerativeQaTask(GenerationTask):
+    name = "generative-qa"
+    description = "answer a question about a context by writing the answer"
+    metrics = ("exact_match", "f1")
+    primary_metric = "f1"
+    pipeline_tag = "text2text-generation"
+    defaults = {"max_length": 512}
+    max_new_tokens = 32
+    max_target_length = 32
+    presets = {
+        "squad_gen": Preset(
+            "SQuAD v1.1 answered by generation (same data formats as squad)", hub=("rajpurkar/squad", None)
+        ),
+    }
+    read_file = ExtractiveQaTask.read_file
+
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+        for split, ds in splits.items():
+            missing = [c for c in COLUMNS if c not in ds.column_names]
+            if missing or len(ds) == 0:
+                raise FtctlError(
+                    f"{split} data has no column(s) {', '.join(missing)}; columns found: {', '.join(ds.column_names)}"
+                    if missing
+                    else f"{split} data has no questions"
+                )
+            for i, row in enumerate(ds.select_columns(list(COLUMNS))):
+                texts, _ = answers_of(row["answers"], str(row["context"]), f"{split} data, question {i + 1}", False)
+                if not texts:
+                    raise FtctlError(f"{split} data, question {i + 1} has no answer; generative QA needs one")
+
+    def _answers(self, example: dict[str, Any]) -> list[str]:
+        return answers_of(example["answers"], str(example["context"]), "data", locate=False)[0]
+
+    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
+        question, context = str(example["question"]).strip(), str(example["context"]).strip()
+        if self.family == "decoder":
+            return "Context: ", context, f"\nQuestion: {question}\nAnswer:"
+        return f"question: {question} context: ", context, ""
+
+    def target(self, example: dict[str, Any]) -> str:
+        return self._answers(example)[0]
+
+    def references(self, example: dict[str, Any]) -> list[str]:
+        return self._answers(example)
+
+    def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        return {k: float(v) for k, v in squad_scores(predictions, references).items()}

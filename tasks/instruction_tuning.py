@@ -1,0 +1,163 @@
+"""Instruction tuning (supervised fine-tuning on prompt/response pairs): Alpaca and any instruction data.
+
+The loss covers the response tokens (and the end-of-sequence token after them) only; the prompt is masked. Scored
+by perplexity on held-out responses: exp(total negative log-likelihood / response tokens), token-weighted over the
+whole split (not a mean of per-batch losses). The final evaluation also generates responses for the first
+`--num-samples` prompts, written to predictions.jsonl beside each example's perplexity.
+
+Data:
+- Alpaca JSON/JSONL (`instruction`, optional `input`, `output`), rendered with the Stanford Alpaca prompt;
+- prompt/completion JSONL (`prompt`, `completion`);
+- chat JSONL (`messages`: a list of `{"role", "content"}` ending with the assistant's reply, which is the target),
+  rendered with the tokenizer's chat template when it has one, else with a plain `### User:` / `### Assistant:`
+  layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from launch.errors import FtctlError
+from launch.options import option
+from tasks.base import Preset, register_task
+from tasks.generation import GenerationOptions, GenerationTask
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+ALPACA_HEAD = (
+    "Below is an instruction that describes a task{}. Write a response that appropriately completes the request.\n\n"
+)
+FORMATS = {
+    "alpaca": ("instruction", "output"),
+    "prompt-completion": ("prompt", "completion"),
+    "chat": ("messages",),
+}
+
+
+@dataclass
+class InstructionOptions(GenerationOptions):
+    num_samples: int = option(4, "generate responses for this many validation prompts at the final evaluation")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_samples < 0:
+            raise FtctlError(f"--num-samples must not be negative, got {self.num_samples}")
+
+
+def data_format(columns: list[str]) -> str | None:
+    for name, needed in FORMATS.items():
+        if all(c in columns for c in needed):
+            return name
+    return None
+
+
+@register_task
+class InstructionTuningTask(GenerationTask):
+    name = "instruction-tuning"
+    description = "follow instructions: learn responses to prompts (supervised fine-tuning)"
+    metrics = ("perplexity",)
+    primary_metric = "perplexity"
+    greater_is_better = False
+    generates = False  # scored by perplexity; sample responses are generated at the end
+    Options = InstructionOptions
+    defaults = {"max_length": 512}
+    max_new_tokens = 128
+    max_target_length = 256
+    presets = {
+        "instruction": Preset(
+            "generic: Alpaca JSON (instruction/input/output), prompt/completion or chat (messages) JSONL"
+        ),
+        "alpaca": Preset("Stanford Alpaca, 52k instruction-following examples", hub=("tatsu-lab/alpaca", None)),
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.samples = self.opts.num_samples
+
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+        for split, ds in splits.items():
+            if len(ds) == 0:
+                raise FtctlError(f"{split} data has no examples")
+            if data_format(ds.column_names) is None:
+                raise FtctlError(
+                    f"{split} data is not instruction data; columns found: {', '.join(ds.column_names)} (expected "
+                    "instruction/input/output, prompt/completion or messages)"
+                )
+            for i, example in enumerate(ds):
+                if not self.target(example):
+                    raise FtctlError(f"{split} data: example {i + 1} has an empty response")
+
+    def _chat(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+        if not messages or messages[-1].get("role") != "assistant":
+            raise FtctlError("chat examples must end with the assistant's message (the response to learn)")
+        history, reply = messages[:-1], str(messages[-1].get("content") or "")
+        tokenizer = self.tokenizer
+        if self.family == "decoder" and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+                text = text[len(tokenizer.bos_token) :]  # the tokenizer's own BOS is added once, by encode
+            return text, reply
+        turns = "".join(f"### {m.get('role', 'user').capitalize()}:\n{m.get('content', '')}\n\n" for m in history)
+        return turns + "### Assistant:\n", reply
+
+    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
+        form = data_format(list(example))
+        if form == "chat":
+            return "", self._chat(example["messages"])[0], ""
+        if form == "prompt-completion":
+            return "", str(example["prompt"]), ""
+        instruction, extra = str(example["instruction"]).strip(), str(example.get("input") or "").strip()
+        if extra:
+            head = ALPACA_HEAD.format(", paired with an input that provides further context")
+            return head + f"### Instruction:\n{instruction}\n\n### Input:\n", extra, "\n\n### Response:\n"
+        return ALPACA_HEAD.format("") + "### Instruction:\n", instruction, "\n\n### Response:\n"
+
+    def target(self, example: dict[str, Any]) -> str:
+        form = data_format(list(example))
+        if form == "chat":
+            return self._chat(example["messages"])[1].strip()
+        return str(example["completion" if form == "prompt-completion" else "output"] or "").strip()
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    def reduce_logits(self, logits: Any, labels: torch.Tensor) -> torch.Tensor:
+        """Per example: (summed negative log-likelihood of the response tokens, number of response tokens)."""
+        import torch
+
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        if self.family == "decoder":  # token t predicts token t + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        return torch.stack([nll.sum(-1), (labels != -100).sum(-1).float()], dim=-1)
+
+    def compute_metrics(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
+        nll, tokens = float(predictions[:, 0].sum()), float(predictions[:, 1].sum())
+        return {"perplexity": math.exp(nll / tokens) if tokens else float("nan")}
+
+    def example_predictions(self, predictions: Any, encoded: datasets.Dataset) -> Any:
+        return {"stats": predictions, "samples": []}
+
+    def add_samples(self, predictions: Any, generated: Any) -> Any:
+        return {**predictions, "samples": self.texts(generated)}
+
+    def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
+        rows = []
+        for i, example in enumerate(raw):
+            head, body, tail = self.prompt_parts(example)
+            nll, tokens = (float(x) for x in predictions["stats"][i])
+            row = {
+                "index": i,
+                "prompt": head + body + tail,
+                "reference": self.target(example),
+                "perplexity": round(math.exp(nll / tokens), 4) if tokens else None,
+            }
+            if i < len(predictions["samples"]):
+                row["generated"] = predictions["samples"][i]
+            rows.append(row)
+        return rows

@@ -1,0 +1,74 @@
+"""Abstractive summarization: CNN/DailyMail, XSum, or any document/summary table.
+
+Encoder-decoders read `summarize: <document>` (the prefix for T5-family models only; BART takes the plain
+document); decoders read `<document>\\n\\nSummary:` and learn the summary after it. Metrics: ROUGE-1/2/L/Lsum
+F-measures from `rouge-score` with the Porter stemmer (see tasks/metrics.py).
+
+Data: CSV/TSV/JSON/JSONL/Parquet with a document column (`--text-column`) and a summary column
+(`--label-column`), or a hub dataset.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tasks.base import Preset, register_task
+from tasks.generation import GenerationTask, require_columns
+from tasks.metrics import rouge_scores
+
+if TYPE_CHECKING:
+    import datasets
+
+
+@register_task
+class SummarizationTask(GenerationTask):
+    name = "summarization"
+    description = "write a short summary of a document"
+    metrics = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    primary_metric = "rougeL"
+    pipeline_tag = "summarization"
+    encoder_prefix = "summarize: "
+    defaults = {"max_length": 512}
+    max_new_tokens = 128
+    max_target_length = 128
+    presets = {
+        "summarization": Preset(
+            "generic: document and summary columns (--text-column, --label-column)",
+            values={"text_column": ["document"], "label_column": "summary"},
+        ),
+        "cnn_dailymail": Preset(
+            "CNN/DailyMail news articles with multi-sentence highlights",
+            hub=("abisee/cnn_dailymail", "3.0.0"),
+            values={"text_column": ["article"], "label_column": "highlights"},
+            facts={"max_new_tokens": 128, "max_target_length": 128},
+        ),
+        "xsum": Preset(
+            "XSum BBC articles with one-sentence summaries",
+            hub=("EdinburghNLP/xsum", None),
+            values={"text_column": ["document"], "label_column": "summary"},
+            facts={"max_new_tokens": 64, "max_target_length": 64},
+        ),
+    }
+
+    def read_file(self, path: str, what: str) -> datasets.Dataset:
+        import datasets
+
+        from tasks import io
+
+        if path.lower().endswith(".json"):  # also JSON objects written one after another
+            return datasets.Dataset.from_list(io.read_json_objects(path, what))
+        return io.read_table(path, what)
+
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+        document, summary = self.cfg.text_column[0], self.cfg.label_column
+        require_columns(splits, [document, summary], {document: "--text-column", summary: "--label-column"})
+
+    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
+        document = str(example[self.cfg.text_column[0]]).strip()
+        return ("", document, "") if self.family != "decoder" else ("", document, "\n\nSummary:")
+
+    def target(self, example: dict[str, Any]) -> str:
+        return str(example[self.cfg.label_column]).strip()
+
+    def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        return rouge_scores(predictions, [r[0] for r in references])

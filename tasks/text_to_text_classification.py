@@ -1,0 +1,108 @@
+"""Classification as text-to-text on encoder-decoders (the T5 recipe): the model writes the label word.
+
+The presets mirror the classification task's, with a `_t2t` suffix (`sst2_t2t`, `imdb_t2t`, `emotion_t2t`,
+`classification_t2t`): same data, columns and label names, read and checked by the same code. The input is
+`<preset> sentence: <text>` (`sentence1: ... sentence2: ...` for pairs), the target the class's label name.
+Generated text is mapped back to a class by its normalised label name (case and surrounding space ignored); a
+prediction outside the label set counts as wrong, and the number of such predictions is reported as `invalid`.
+Metrics: accuracy and macro-F1 over the classes, like the classification task.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tasks.base import Preset, register_task
+from tasks.classification import ClassificationTask, _label
+from tasks.generation import GenerationOptions, GenerationTask
+
+if TYPE_CHECKING:
+    import datasets
+
+SUFFIX = "_t2t"
+
+
+@register_task
+class TextToTextClassificationTask(GenerationTask, ClassificationTask):
+    name = "text-to-text-classification"
+    kind = "generation"
+    description = "classify by generating the label word (encoder-decoders, T5 style)"
+    metrics = ("accuracy", "f1", "invalid")
+    primary_metric = "accuracy"
+    families = ("encoder-decoder",)
+    Options = GenerationOptions
+    defaults = ClassificationTask.defaults
+    max_target_length = 8
+    presets = {
+        name + SUFFIX: Preset(
+            f"{preset.description}, answered with the label word (text-to-text)",
+            hub=preset.hub,
+            bundled=preset.bundled,
+            values=preset.values,
+            facts=preset.facts,
+        )
+        for name, preset in ClassificationTask.presets.items()
+    }
+
+    # data loading, splitting and label checks are the classification task's
+    clean = ClassificationTask.clean
+    split_off = ClassificationTask.split_off
+    check_data = ClassificationTask.check_data
+
+    def _words(self) -> list[str]:
+        return [str(n) for n in self.label_names]
+
+    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
+        columns = self.cfg.text_column
+        prefix = self.preset_name.removesuffix(SUFFIX) + " "
+        if len(columns) > 1:
+            return f"{prefix}sentence1: {example[columns[0]]} sentence2: ", str(example[columns[1]]), ""
+        return f"{prefix}sentence: ", str(example[columns[0]]), ""
+
+    def _class(self, example: dict[str, Any]) -> int:
+        ids = {v: i for i, v in enumerate(self.state["label_values"])}
+        return ids[_label(example[self.cfg.label_column], "data", self.cfg.label_column, 0)]
+
+    def target(self, example: dict[str, Any]) -> str:
+        return self._words()[self._class(example)]
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        longest = max(len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in self._words())
+        return {**super().generation_kwargs(), "max_new_tokens": self.opts.max_new_tokens or longest + 1}
+
+    def classes(self, texts: list[str]) -> list[int]:
+        """Class index of each generated text, -1 when it is not a label word."""
+        lookup = {w.strip().lower(): i for i, w in enumerate(self._words())}
+        return [lookup.get(t.strip().lower(), -1) for t in texts]
+
+    def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        from sklearn.metrics import accuracy_score, f1_score
+
+        predicted, gold = self.classes(predictions), self.classes([r[0] for r in references])
+        ids = list(range(len(self._words())))
+        return {
+            "accuracy": float(accuracy_score(gold, predicted)),
+            "f1": float(f1_score(gold, predicted, labels=ids, average="macro", zero_division=0)),
+            "invalid": float(sum(p < 0 for p in predicted)),
+        }
+
+    def metric_details(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
+        texts = self.texts(predictions)
+        invalid = sorted({t for t, c in zip(texts, self.classes(texts), strict=True) if c < 0})
+        return {"invalid_predictions": {"count": sum(c < 0 for c in self.classes(texts)), "examples": invalid[:20]}}
+
+    def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
+        rows = []
+        for i, (example, text) in enumerate(zip(raw, predictions, strict=True)):
+            gold = self.target(example)
+            rows.append(
+                {
+                    "index": i,
+                    "text": example[self.cfg.text_column[0]],
+                    "label": gold,
+                    "prediction": text,
+                    "correct": text.strip().lower() == gold.strip().lower(),
+                    "valid": self.classes([text])[0] >= 0,
+                }
+            )
+        return rows

@@ -1,0 +1,137 @@
+"""Machine translation: WMT16 English-Romanian, or any language pair.
+
+Encoder-decoders read `translate English to Romanian: <text>` (the prefix for T5-family models only); decoders read
+`Translate English to Romanian:\\n<text>\\nRomanian:` and learn the translation after it. Metrics: sacreBLEU corpus
+BLEU and chrF (0-100), and METEOR (0-1) when a WordNet database is installed (see tasks/metrics.py); without
+one, the evaluation details say why METEOR is missing.
+
+Data: JSON/JSONL rows `{"translation": {"en": ..., "ro": ...}}`, tables with one column per language code,
+parallel text files (`train.source` beside `train.target`, or `train.en` beside `train.ro`: give the source side),
+or a hub dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launch.errors import FtctlError
+from launch.options import option
+from tasks import io
+from tasks.base import Preset, register_task
+from tasks.generation import GenerationOptions, GenerationTask
+from tasks.metrics import translation_scores
+
+if TYPE_CHECKING:
+    import datasets
+
+LANGUAGES = {
+    "en": "English",
+    "ro": "Romanian",
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+    "cs": "Czech",
+    "ru": "Russian",
+    "fi": "Finnish",
+    "tr": "Turkish",
+    "zh": "Chinese",
+    "ja": "Japanese",
+}
+
+
+@dataclass
+class TranslationOptions(GenerationOptions):
+    source_lang: str | None = option(None, "source language code, e.g. en (default: per preset)")
+    target_lang: str | None = option(None, "target language code, e.g. ro (default: per preset)")
+
+
+@register_task
+class TranslationTask(GenerationTask):
+    name = "translation"
+    description = "translate text from one language to another"
+    metrics = ("bleu", "chrf", "meteor")
+    primary_metric = "bleu"
+    pipeline_tag = "translation"
+    Options = TranslationOptions
+    defaults = {"max_length": 256}
+    max_new_tokens = 128
+    max_target_length = 128
+    presets = {
+        "translation": Preset("generic: any language pair (--source-lang, --target-lang)"),
+        "wmt16_en_ro": Preset(
+            "WMT16 English to Romanian news translation",
+            hub=("wmt/wmt16", "ro-en"),
+            facts={"source_lang": "en", "target_lang": "ro"},
+        ),
+    }
+
+    def lang(self, side: str) -> str:
+        code = getattr(self.opts, f"{side}_lang") or self.preset.facts.get(f"{side}_lang")
+        if not code:
+            raise FtctlError(f"task '{self.preset_name}' needs --{side}-lang CODE (e.g. en, ro, de)")
+        return code
+
+    @property
+    def pair(self) -> str:
+        source, target = (LANGUAGES.get(c, c) for c in (self.lang("source"), self.lang("target")))
+        return f"{source} to {target}"
+
+    def read_file(self, path: str, what: str) -> datasets.Dataset:
+        import datasets
+
+        p = Path(path)
+        source, target = self.lang("source"), self.lang("target")
+        for own, partner in ((".source", ".target"), (f".{source}", f".{target}")):
+            if p.suffix == own:
+                return io.read_parallel(path, what, str(p.with_suffix(partner)), source, target)
+        if p.suffix.lower() in (".json", ".jsonl"):
+            return datasets.Dataset.from_list(io.read_json_objects(path, what))
+        return io.read_table(path, what)
+
+    def _pair(self, example: dict[str, Any]) -> tuple[str, str]:
+        source, target = self.lang("source"), self.lang("target")
+        row = example.get("translation") if isinstance(example.get("translation"), dict) else example
+        return str(row.get(source) or ""), str(row.get(target) or "")
+
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+        source, target = self.lang("source"), self.lang("target")
+        for split, ds in splits.items():
+            if len(ds) == 0:
+                raise FtctlError(f"{split} data has no examples")
+            if "translation" in ds.column_names:
+                found = set(ds[0]["translation"] or {})
+            else:
+                found = set(ds.column_names)
+            missing = [c for c in (source, target) if c not in found]
+            if missing:
+                raise FtctlError(
+                    f"{split} data has no '{missing[0]}' text; found: {', '.join(sorted(found))} (expected "
+                    f'{{"translation": {{"{source}": ..., "{target}": ...}}}} rows or one column per language; '
+                    "choose the languages with --source-lang/--target-lang)"
+                )
+            for i, example in enumerate(ds):
+                if not all(self._pair(example)):
+                    raise FtctlError(f"{split} data: row {i + 1} has an empty {source} or {target} text")
+
+    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
+        text = self._pair(example)[0].strip()
+        if self.family == "decoder":
+            return f"Translate {self.pair}:\n", text, f"\n{LANGUAGES.get(self.lang('target'), self.lang('target'))}:"
+        return (f"translate {self.pair}: " if self.t5_style else ""), text, ""
+
+    def target(self, example: dict[str, Any]) -> str:
+        return self._pair(example)[1].strip()
+
+    def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        scores, _ = translation_scores(predictions, [r[0] for r in references])
+        return scores
+
+    def metric_details(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
+        from tasks.metrics import METEOR_NOTE, wordnet
+
+        return {} if wordnet() is not None else {"notes": [METEOR_NOTE]}
