@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from launch.config import RunConfig
+    from methods.matrix import Refusal
     from tasks.base import Task
 
 
@@ -49,6 +50,9 @@ class Method:
     variants: ClassVar[dict[str, dict[str, Any]]] = {}  # registered name -> fixed settings; empty: just `name`
     is_peft: ClassVar[bool] = False  # saves an adapter (loaded onto the base model) rather than a full model
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # task kind (or "*") -> run option defaults
+    refusals: ClassVar[tuple[Refusal, ...]] = ()  # combinations it cannot run: its row of methods/matrix.py
+    mergeable: ClassVar[bool] = False  # `ftctl merge` can fold the trained result into the base weights
+    merge_refusal: ClassVar[str] = "its run directory already holds a full model; load it with transformers"
 
     def __init__(self, opts: Any, variant: str, settings: dict[str, Any]):
         self.opts = opts
@@ -56,7 +60,11 @@ class Method:
         self.settings = settings
 
     def check(self, ctx: Context) -> None:
-        """Refuse combinations that cannot work, before anything heavy is loaded."""
+        """Refuse combinations that cannot work, before anything heavy is loaded: the method's `refusals` (the
+        compatibility matrix); subclasses add checks of their own options after calling this."""
+        from methods import matrix
+
+        matrix.check(self, ctx)
 
     def load_kwargs(self, ctx: Context) -> dict[str, Any]:
         """Extra `from_pretrained` arguments (quantization, dtype)."""
@@ -88,6 +96,37 @@ class Method:
         """Load what `save` wrote, ready for evaluation."""
         return task.build_model(path, tokenizer, load_kwargs)
 
+    def merge(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[Any, list]:
+        """What `save` wrote folded into the base weights, as a plain transformers model (`ftctl merge`), and notes
+        on how it was made. Only `mergeable` methods implement it."""
+        raise FtctlError(f"method '{self.variant}' has nothing to merge: {self.merge_refusal}")
+
+
+class PeftMethod(Method):
+    """A method whose result is a PEFT adapter (plus the task head, `modules_to_save`): trained through
+    `get_peft_model`, saved by the Trainer as an adapter, loaded back with `PeftModel.from_pretrained`."""
+
+    is_peft = True
+
+    def wrap(self, model: torch.nn.Module, config: Any, ctx: Context) -> Any:
+        from peft import get_peft_model
+
+        if ctx.cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        return get_peft_model(model, config)
+
+    def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(task.build_model(base, tokenizer, load_kwargs), path)
+
+    def merge(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[Any, list]:
+        """The adapter folded into the weights it modifies (`merge_and_unload`); the trained head replaces the
+        base's."""
+        if not self.mergeable:
+            return super().merge(task, path, base, tokenizer, load_kwargs)
+        return self.load_trained(task, path, base, tokenizer, load_kwargs).merge_and_unload(), []
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -102,7 +141,11 @@ class MethodSpec:
         return specs_of(self.cls.Options, owner=f"method {self.cls.name}", group=f"{self.cls.name} method options")
 
     def run_defaults(self, task_kind: str) -> dict[str, Any]:
-        return {**self.cls.defaults.get("*", {}), **self.cls.defaults.get(task_kind, {})}
+        """The method's run option defaults for a task kind; a variant's own `defaults` setting wins."""
+        out: dict[str, Any] = {}
+        for layer in (self.cls.defaults, self.settings.get("defaults", {})):
+            out.update({**layer.get("*", {}), **layer.get(task_kind, {})})
+        return out
 
     def create(self, user_opts: dict[str, Any]) -> Method:
         opts = self.cls.Options(**user_opts)
@@ -141,12 +184,12 @@ def trained_modules(model: torch.nn.Module) -> list[str]:
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters. PEFT's frozen copies of saved modules are not counted twice, and 4-bit
-    packed weights count as the parameters they hold."""
+    packed weights and ZeRO-3 partitioned weights count as the parameters they hold."""
     trainable = total = 0
     for name, p in model.named_parameters():
         if ".original_module." in name:
             continue
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions leave a 0-element placeholder
         if p.__class__.__name__ == "Params4bit":
             n *= 2
         total += n
@@ -155,8 +198,10 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def require_head(task: Task, method: str) -> None:
-    if not task.has_head:
-        raise FtctlError(
-            f"method '{method}' trains a task head, and task '{task.preset_name}' has none; use lora or full"
-        )
+def saved_weights(path: Any) -> dict[str, Any]:
+    """The weight files a saved result consists of and their size on disk (the adapter size of PEFT methods)."""
+    from pathlib import Path
+
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
+    size = sum(p.stat().st_size for p in files)
+    return {"files": [p.name for p in files], "bytes": size, "mb": size / 2**20}

@@ -43,6 +43,7 @@ class Freeze(Method):
     defaults = {"*": {"learning_rate": 1e-4}}
 
     def check(self, ctx: Context) -> None:
+        super().check(ctx)
         if self.opts.freeze_encoder and ctx.family != "encoder-decoder":
             raise FtctlError(
                 f"--freeze-encoder needs an encoder-decoder model; '{ctx.model_config.model_type}' is a {ctx.family}"

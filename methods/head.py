@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from methods.base import Context, Method, freeze_all_but, register_method, require_head
+from methods.base import Context, Method, freeze_all_but, register_method
+from methods.matrix import Refusal
+
+NO_HEAD = Refusal(
+    "the task has no separate head (language-model tasks)",
+    lambda cell: not cell.has_head,
+    "method '{method}' trains only a task head, and task '{task}' has none (its output layer is the language-model "
+    "head, tied to the embeddings); use lora or full",
+)
 
 
 @register_method
@@ -13,9 +21,7 @@ class HeadOnly(Method):
     description = "linear probe: train the task head on a frozen backbone"
     trains = "the task head only"
     defaults = {"*": {"learning_rate": 2e-3, "epochs": 5.0}}
-
-    def check(self, ctx: Context) -> None:
-        require_head(ctx.task, self.variant)
+    refusals = (NO_HEAD,)
 
     def apply(self, model: Any, task: Any, ctx: Context) -> Any:
         freeze_all_but(model, task.head_modules(model))

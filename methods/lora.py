@@ -15,7 +15,7 @@ from typing import Any
 
 from launch.errors import FtctlError
 from launch.options import option
-from methods.base import Context, Method, register_method
+from methods.base import Context, PeftMethod, register_method
 from methods.layers import block_linear_names
 
 # Default target modules by model type: the attention query/value projections for encoders and T5 (the LoRA
@@ -44,8 +44,9 @@ DEFAULT_ALPHA = 32
 @dataclass
 class LoraOptions:
     lora_r: int = option(8, "LoRA rank r")
-    lora_alpha: int | None = option(None, "LoRA scaling alpha; updates are scaled by alpha/r, alpha/sqrt(r) for rslora "
-                                    "(default: 32)")
+    lora_alpha: int | None = option(
+        None, "LoRA scaling alpha; updates are scaled by alpha/r, alpha/sqrt(r) for rslora (default: 32)"
+    )
     lora_dropout: float = option(0.1, "dropout on the LoRA path")
     target_modules: list = option([], "module names to adapt, or all-linear (default: per architecture)")
     lora_bias: str = option("none", "which biases train: none, all, lora_only", choices=("none", "all", "lora_only"))
@@ -76,7 +77,7 @@ def resolve_targets(model: Any, model_type: str, requested: list[str]) -> list[s
 
 
 @register_method
-class Lora(Method):
+class Lora(PeftMethod):
     name = "lora"
     description = "low-rank adapters on the attention (and MLP) projections, through PEFT"
     trains = "low-rank adapters + head"
@@ -86,11 +87,12 @@ class Lora(Method):
         "rslora": {"use_rslora": True},
         "dora": {"use_dora": True},
     }
-    is_peft = True
+    mergeable = True
     defaults = {
         "*": {"learning_rate": 5e-4},
         "classification": {"learning_rate": 1e-3, "epochs": 5.0},
         "regression": {"learning_rate": 3e-4},
+        "tokens": {"learning_rate": 1e-3},
     }
 
     def peft_config(self, model: Any, task: Any, ctx: Context) -> Any:
@@ -109,13 +111,4 @@ class Lora(Method):
         )
 
     def apply(self, model: Any, task: Any, ctx: Context) -> Any:
-        from peft import get_peft_model
-
-        if ctx.cfg.gradient_checkpointing:
-            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        return get_peft_model(model, self.peft_config(model, task, ctx))
-
-    def load_trained(self, task: Any, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(task.build_model(base, tokenizer, load_kwargs), path)
+        return self.wrap(model, self.peft_config(model, task, ctx), ctx)

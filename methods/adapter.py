@@ -1,0 +1,94 @@
+"""Bottleneck adapters (PEFT has none; the layers are in methods/bottleneck.py).
+
+- Houlsby (Houlsby et al. 2019, arXiv:1902.00751): an adapter after the attention output projection and after the
+  feed-forward output projection of every block, before the residual add and layer norm.
+- Pfeiffer (Pfeiffer et al. 2021, arXiv:2005.00247): after the feed-forward output projection only.
+
+The backbone, layer norms included, stays frozen (Houlsby et al. also trained the norms): the result is the adapters
+and the task head, saved alone (`adapter_model.safetensors`, parameter names as in the full model, and
+`adapter_config.json` with the placement, size, non-linearity and base model). Loading rebuilds the model from the
+base and reproduces the fine-tuned outputs exactly. Adapters are non-linear, so there is nothing to merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from launch.errors import FtctlError
+from launch.options import option
+from methods.base import Context, Method, freeze_all_but, register_method
+
+STYLES = ("houlsby", "pfeiffer")
+NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+
+
+@dataclass
+class AdapterOptions:
+    adapter_size: int = option(64, "bottleneck width of each adapter (its down-projection size)")
+    adapter_style: str = option(
+        "houlsby", "houlsby: after attention and feed-forward; pfeiffer: after feed-forward only", choices=STYLES
+    )
+    adapter_non_linearity: str = option("relu", "non-linearity inside each adapter", choices=NON_LINEARITIES)
+
+    def validate(self) -> None:
+        if self.adapter_size < 1:
+            raise FtctlError(f"--adapter-size must be at least 1, got {self.adapter_size}")
+
+
+@register_method
+class Adapter(Method):
+    name = "adapter"
+    description = "bottleneck adapters (Houlsby: after attention and feed-forward; Pfeiffer: after feed-forward)"
+    trains = "bottleneck adapters + head"
+    Options = AdapterOptions
+    is_peft = True  # saves an adapter directory to load onto the base model
+    merge_refusal = "bottleneck adapters are non-linear and cannot be folded into the weights; evaluate the run as is"
+    # like LoRA: 1e-3 for classification; regression heads diverge at that rate (measured for LoRA on STS-B)
+    defaults = {"*": {"learning_rate": 1e-3, "epochs": 5.0}, "regression": {"learning_rate": 3e-4}}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sites: list[str] = []
+        self.heads: list[str] = []
+
+    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+        from methods.bottleneck import adapter_names, adapter_sites, inject
+
+        self.sites = adapter_sites(model, self.opts.adapter_style)
+        inject(model, self.sites, self.opts.adapter_size, self.opts.adapter_non_linearity)
+        self.heads = task.head_modules(model)
+        freeze_all_but(model, adapter_names(model) + self.heads)
+        return model
+
+    def save(self, trainer: Any, path: str) -> None:
+        """Adapters and head only. Every process calls this: under ZeRO-3 they all take part in gathering."""
+        from methods.bottleneck import adapter_names, save_adapter
+
+        model = trainer.model
+        state = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else model)
+        if trainer.args.should_save:
+            config = {
+                "style": self.opts.adapter_style,
+                "size": self.opts.adapter_size,
+                "non_linearity": self.opts.adapter_non_linearity,
+                "sites": self.sites,
+                "modules_to_save": self.heads,
+                "base_model_name_or_path": model.name_or_path,
+            }
+            save_adapter(state, adapter_names(model) + self.heads, config, path)
+
+    def load_trained(self, task: Any, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+        from methods.bottleneck import load_adapter
+
+        return load_adapter(task.build_model(base, tokenizer, load_kwargs), path)
+
+    def record(self, model: Any) -> dict[str, Any]:
+        return {
+            "adapter": {
+                "style": self.opts.adapter_style,
+                "size": self.opts.adapter_size,
+                "non_linearity": self.opts.adapter_non_linearity,
+                "sites": len(self.sites),
+            }
+        }
