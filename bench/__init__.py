@@ -1,0 +1,1 @@
+"""Benchmarks on real data (../shared/data) and real models; not part of the default test suite."""

@@ -1,0 +1,70 @@
+"""Shared benchmark plumbing: where the data is, what machine this is, timed subprocess runs, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("FTCTL_BENCH_DATA", REPO.parent / "shared" / "data"))
+RESULTS = REPO / "bench" / "results"
+OUT = REPO / "bench" / "out"  # run directories (ignored by git)
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, {os.cpu_count()} CPU cores"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "datasets")}
+
+
+def need_data(*relative: str) -> list[Path]:
+    paths = [DATA / r for r in relative]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        sys.exit(f"benchmark data not found: {', '.join(missing)} (set FTCTL_BENCH_DATA to the shared data folder)")
+    return paths
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a command, its output to `log`; returns wall seconds. Fails loudly."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code:
+        sys.exit(f"benchmark step failed ({code}): {' '.join(cmd)}; see {log}")
+    return time.time() - started
+
+
+def ftctl() -> str:
+    return str(Path(sys.executable).parent / "ftctl")
+
+
+def save(name: str, payload: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    history = REPO / "bench" / "RESULTS.md"
+    previous = (
+        history.read_text()
+        if history.exists()
+        else "# Benchmark results\n\nNewest first; older results are kept for comparison.\n"
+    )
+    head, _, rest = previous.partition("\n## ")
+    entry = f"## {stamp}: {name}\n\n{markdown.split(chr(10), 1)[1].strip()}\n"
+    history.write_text(head.rstrip() + "\n\n" + entry + ("\n## " + rest if rest else ""))
