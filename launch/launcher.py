@@ -57,6 +57,10 @@ def split(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     if any(a in ("-h", "--help") for a in argv):
         return {}, argv
     options, rest = launcher_parser().parse_known_args(argv)
+    for key in ("num_processes", "num_machines"):
+        value = getattr(options, key)
+        if value is not None and value < 1:
+            raise FtctlError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
     return vars(options), rest
 
 
@@ -104,6 +108,7 @@ def build_command(options: dict[str, Any], train_argv: list[str]) -> list[str]:
         raise FtctlError(f"--num-machines {machines} is more than --num-processes {processes} (processes in total)")
     if processes % machines:
         raise FtctlError(f"--num-processes {processes} does not split evenly over --num-machines {machines}")
+    check_process_count(options, config, processes, machines)
     if not config and processes > 1:
         cmd.append("--multi_gpu")  # accelerate's multi-process launcher; runs on the CPU when there is no GPU
     if not config:
@@ -123,6 +128,48 @@ def build_command(options: dict[str, Any], train_argv: list[str]) -> list[str]:
             raise FtctlError(f"--rendezvous-timeout must be greater than 0, got {options['rendezvous_timeout']}")
         cmd += ["--rdzv_conf", f"timeout={options['rendezvous_timeout']}"]
     return [*cmd, "-m", "launch.train", *train_argv]
+
+
+def check_process_count(options: dict[str, Any], config: dict[str, Any], processes: int, machines: int) -> None:
+    """Refuse more processes per machine than the accelerate config or this machine allows: accelerate would start
+    a single process for a single-process config (the run silently trains alone), fail on a config that lists fewer
+    GPUs than processes, and start processes that find no GPU of their own."""
+    per_machine = processes // machines
+    if per_machine < 2:
+        return
+    name = options.get("accelerate_config")
+    if config and str(config.get("distributed_type")).upper() in ("NO", "FALSE"):  # YAML reads a bare NO as false
+        raise FtctlError(
+            f"accelerate config '{name}' runs a single process (distributed_type: NO), but {processes} processes "
+            "were asked for; use a multi-process config (multi_gpu, cpu_2proc, deepspeed_zero2, ...) or "
+            "--num-processes 1"
+        )
+    if config.get("use_cpu"):
+        return
+    gpu_ids = str(config.get("gpu_ids") or "all").strip()
+    if gpu_ids != "all":
+        ids = [i for i in gpu_ids.split(",") if i.strip()]
+        if per_machine > len(ids):
+            raise FtctlError(
+                f"accelerate config '{name}' lists {len(ids)} GPU(s) in gpu_ids ({gpu_ids}) but asks for "
+                f"{per_machine} processes per machine; lower --num-processes to {len(ids) * machines} or list more "
+                "gpu_ids"
+            )
+    if options.get("dry_run"):
+        return  # the command may be for other machines
+    gpus = visible_gpus()
+    if 0 < gpus < per_machine:  # without a GPU, the processes run on the CPU
+        raise FtctlError(
+            f"{per_machine} processes per machine asked for, but this machine has {gpus} GPU(s) and each process "
+            f"needs its own; use --num-processes {gpus * machines} (one per GPU) or fewer"
+        )
+
+
+def visible_gpus() -> int:
+    """CUDA devices the launched processes can use (0 on a machine without CUDA). Imports torch: launch time only."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def launch(options: dict[str, Any], train_argv: list[str]) -> int:

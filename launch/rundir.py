@@ -43,7 +43,11 @@ def check_target(path: str, overwrite: bool, resume: bool) -> None:
     ancestor = p
     while not ancestor.exists():
         ancestor = ancestor.parent
-    if not os.access(ancestor, os.W_OK):
+    if not ancestor.is_dir():  # a path component is a file: the directory could never be created
+        raise FtctlError(
+            f"cannot create output directory {path}: {ancestor} is a file, not a directory; choose another --output-dir"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
         raise FtctlError(f"cannot write to {path}: {ancestor} is not writable; choose another --output-dir")
 
 

@@ -179,7 +179,14 @@ class ClassificationTask(Task):
             )
         feature = train.features.get(column)
         hint = self.preset.facts.get("label_names") or getattr(feature, "names", None)
-        if hint and all(isinstance(v, int) and 0 <= v < len(hint) for v in distinct):
+        if hint and all(isinstance(v, int) for v in distinct):
+            outside = sorted(v for v in distinct if not 0 <= v < len(hint))
+            if outside:
+                raise FtctlError(
+                    f"train data has label(s) {', '.join(map(str, outside[:5]))} outside the {len(hint)} classes "
+                    f"of task '{self.preset_name}' (0..{len(hint) - 1}: {', '.join(hint)}); fix the labels, or use "
+                    "--task classification to take the classes from the data"
+                )
             label_values, names = list(range(len(hint))), list(hint)
         elif hint and distinct <= set(hint):
             label_values, names = list(hint), list(hint)

@@ -35,6 +35,7 @@ def bad(tmp_path, data):
         "missing_label": write(d / "missing.csv", "sentence,label\na,1\nb,\nc,0\n"),
         "new_labels": write(d / "new.csv", "sentence,label\n" + "".join(f"s {i},{i % 3}\n" for i in range(10))),
         "no_delimiter": write(d / "plain.txt", "justtext\nmore\n"),
+        "out_of_range": write(d / "range.csv", "sentence,label\n" + "a,0\nb,1\nc,5\n" * 3),
         "yaml_unknown": write(d / "unknown.yaml", "task: sst2\nlearning_rat: 0.1\n"),
         "yaml_type": write(d / "type.yaml", "task: sst2\nepochs: three\n"),
         "yaml_syntax": write(d / "syntax.yaml", "task: [sst2\n"),
@@ -56,7 +57,9 @@ def check_error(capsys, code: int, fragment: str) -> str:
 
 TRAIN_CASES = {
     "unknown task": (["--task", "sst3"], "unknown task 'sst3' (did you mean 'sst2'?)"),
+    "unknown preset": (["--task", "imbd"], "unknown task 'imbd' (did you mean 'imdb'?)"),
     "unknown method": (["--method", "lorra"], "unknown method 'lorra' (did you mean 'lora'?)"),
+    "task the architecture cannot do": (["--task", "sst2_t2t"], "does not support encoder models like 'bert'"),
     "no task": (["!no-task"], "no task given"),
     "missing model": (["--model", "/no/such/model"], "model path not found: /no/such/model"),
     "not a model dir": (["--model", "{not_a_model}"], "is not a model directory"),
@@ -74,6 +77,10 @@ TRAIN_CASES = {
         "has no column 'stars'; columns found: text, label",
     ),
     "single class": (["--train-file", "{one_class}"], "has a single class ('pos')"),
+    "labels out of range": (
+        ["--train-file", "{out_of_range}"],
+        "train data has label(s) 5 outside the 2 classes of task 'sst2' (0..1: negative, positive)",
+    ),
     "non-integer labels": (["--train-file", "{float_labels}"], "non-integer numbers"),
     "missing label value": (["--train-file", "{missing_label}"], "row 2 has no label"),
     "unseen validation labels": (
@@ -84,6 +91,7 @@ TRAIN_CASES = {
     "wrong value type": (["--epochs", "abc"], "--epochs must be a number, got 'abc'"),
     "option of another method": (["--method", "full", "--lora-r", "4"], "--lora-r does not apply"),
     "yaml unknown key": (["--config", "{yaml_unknown}"], "unknown key 'learning_rat'"),
+    "yaml unknown key suggestion": (["--config", "{yaml_unknown}"], "(did you mean 'learning_rate'?)"),
     "yaml wrong type": (["--config", "{yaml_type}"], "key 'epochs' in"),
     "yaml syntax": (["--config", "{yaml_syntax}"], "is not valid YAML"),
     "missing yaml": (["--config", "/no/such.yaml"], "config file not found"),
@@ -139,6 +147,80 @@ def test_existing_output_dir_is_refused_and_untouched(models, data, tmp_path, ca
     )
     check_error(capsys, code, "is not an ftctl run directory")
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_output_dir_that_cannot_be_written(models, data, tmp_path, capsys, monkeypatch):
+    """Refused before anything is written. A chmod-ed directory stops no one running as root, so a read-only
+    directory is checked for real only as another user; as root, os.access is told what the kernel would say."""
+    import os
+
+    from launch.train import main
+
+    base = ["--task", "sst2", "--model", str(models["bert"]), *data_args(data), "--report-to", "none"]
+    blocker = write(tmp_path / "blocker", "a file")
+    check_error(capsys, run_main(main, [*base, "--output-dir", str(blocker / "runs" / "out")]), "is a file, not a dir")
+    check_error(capsys, run_main(main, [*base, "--output-dir", str(blocker)]), "exists and is not a directory")
+    assert blocker.read_text() == "a file"
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and Path(p) != locked)
+    else:
+        locked.chmod(0o555)
+    try:
+        code = run_main(main, [*base, "--output-dir", str(locked / "out")])
+    finally:
+        locked.chmod(0o755)
+    check_error(capsys, code, f"{locked} is not writable")
+    assert not any(locked.iterdir())
+
+
+def test_launch_asking_for_more_processes_than_allowed(data, tmp_path, capsys, monkeypatch):
+    """`ftctl train` launcher settings that accelerate would run as one process, or fail on, are refused before the
+    launch; here a run on this machine would train in this process, so the refusal comes from the launcher."""
+    from launch import launcher
+    from launch.cli import _train
+
+    out = tmp_path / "out"
+    base = ["--task", "sst2", *data_args(data), "--output-dir", str(out), "--report-to", "none"]
+    two_gpus = write(tmp_path / "two_gpus.yaml", "distributed_type: MULTI_GPU\nnum_processes: 4\ngpu_ids: 0,1\n")
+    bare_no = write(tmp_path / "bare_no.yaml", "distributed_type: NO\nnum_processes: 1\n")
+    cases = [
+        (["--accelerate-config", "single_gpu", "--num-processes", "2"], "runs a single process (distributed_type: NO)"),
+        (["--accelerate-config", str(bare_no), "--num-processes", "2"], "runs a single process"),
+        (["--accelerate-config", str(two_gpus)], "lists 2 GPU(s) in gpu_ids (0,1) but asks for 4 processes"),
+        (["--num-processes", "0"], "--num-processes must be at least 1, got 0"),
+        (["--accelerate-config", "multi_gpu"], "this machine has 1 GPU(s)"),  # 8 processes
+        (["--num-processes", "2"], "this machine has 1 GPU(s)"),
+    ]
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: 1)
+    for args, fragment in cases:
+        check_error(capsys, run_main(_train, [*args, *base]), fragment)
+        assert not out.exists()
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: 0)  # CPU processes: as many as asked for
+    command = launcher.build_command(launcher.split(["--num-processes", "2", *base])[0], base)
+    assert "--num_processes 2" in " ".join(command)
+
+
+def test_qlora_without_usable_bitsandbytes(models, data, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from launch.train import main
+    from methods.qlora import bnb_problem
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails as when not installed
+    bnb_problem.cache_clear()
+    out = tmp_path / "out"
+    try:
+        code = run_main(main, ["--task", "sst2", "--method", "qlora", "--model", str(models["llama"]),
+                               *data_args(data), "--output-dir", str(out), "--report-to", "none"])
+    finally:
+        bnb_problem.cache_clear()
+    line = check_error(capsys, code, "method 'qlora' needs bitsandbytes 4-bit layers")
+    assert "bitsandbytes cannot be imported" in line and "use lora" in line
+    assert not out.exists()
 
 
 def test_evaluate_bad_input(tmp_path, capsys, train, data):
