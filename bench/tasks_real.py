@@ -30,14 +30,7 @@ def spec(name: str, args: argparse.Namespace) -> dict:
         return {
             "task": "conll2003",
             "data": f"first {args.ner_samples:,} sentences of conll2003/eng.train; scored on eng.testa",
-            # LoRA on the attention query/value only (the default) reached F1 0.575 after one epoch here; NER wants
-            # every linear layer adapted, as in the plain-library measurement in ../shared/BENCHMARKS.md
-            "argv": ["--train-file", train, "--validation-file", dev, "--max-train-samples", str(args.ner_samples)]
-            + (
-                ["--target-modules", "query", "key", "value", "dense", "--lora-r", "16"]
-                if args.method == "lora"
-                else []
-            ),
+            "argv": ["--train-file", train, "--validation-file", dev, "--max-train-samples", str(args.ner_samples)],
             "metrics": ("f1", "precision", "recall", "accuracy"),
             "goal": ("f1", 0.80),
         }

@@ -296,15 +296,19 @@ def resolve_values(user: dict[str, Any], specs: dict[str, OptionSpec] | None = N
                 f"'{user.get('method') or RunConfig.method}'; it belongs to: {', '.join(owners)}"
             )
 
+    # a method's defaults for the task kind may set run options (learning rate, epochs) and its own options
+    method_defaults = method_spec.run_defaults(task_spec.kind)
     values = {s.name: s.default for s in RUN_SPECS}
     values.update(task_spec.run_defaults())
-    values.update(method_spec.run_defaults(task_spec.kind))
+    values.update({k: v for k, v in method_defaults.items() if k in run_names})
     values.update({k: v for k, v in user.items() if k in run_names})
     cfg = RunConfig(**values)
     cfg.validate()
 
     task = task_spec.create(cfg, {k: v for k, v in user.items() if k in task_names})
-    method = method_spec.create({k: v for k, v in user.items() if k in method_names})
+    method_values = {k: v for k, v in method_defaults.items() if k in method_names}
+    method_values.update({k: v for k, v in user.items() if k in method_names})
+    method = method_spec.create(method_values)
     return Resolved(cfg=cfg, task=task, method=method, explicit=sorted(user))
 
 

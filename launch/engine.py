@@ -246,11 +246,13 @@ class FtctlTrainer(Trainer):
     method may bring its own parameter groups, evaluation keeps dataset order, and tasks that generate are
     evaluated on generated text (the Seq2SeqTrainer's job, done here for decoders as well; see `prediction_step`)."""
 
-    def __init__(self, *args: Any, task: Any, method: Any, **kwargs: Any):
+    def __init__(self, *args: Any, task: Any, method: Any, train_collator: Any = None, **kwargs: Any):
         self.task = task
         self.method = method
+        self.train_collator = train_collator
         self._scored: Any = None
         self._generating = False
+        self._tokens = [0, 0]  # (token slots computed, real tokens) in this process's training batches
         super().__init__(*args, compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce, **kwargs)
         self.remove_callback(PrinterCallback)
         if not task.loss_counts_items:
@@ -285,6 +287,27 @@ class FtctlTrainer(Trainer):
             return super().predict(test_dataset, *args, **kwargs)
         finally:
             self._generating = False
+
+    def get_train_dataloader(self) -> Any:
+        """Training batches from the task's training collator (packed for decoders with --packing); evaluation and
+        generation keep the padded batches of `data_collator`."""
+        if self.train_collator is None:
+            return super().get_train_dataloader()
+        padded, self.data_collator = self.data_collator, self.train_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = padded
+
+    def token_counts(self) -> dict[str, Any]:
+        """Input token slots computed in training (padding included), real tokens, and the padding fraction, summed
+        over all processes."""
+        counts = torch.tensor(self._tokens, dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        slots, real = (int(v) for v in counts.tolist())
+        return {"train_token_slots": slots, "train_real_tokens": real,
+                "padding_fraction": 1 - real / slots if slots else None}
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         inputs = {k: v for k, v in inputs.items() if not k.startswith(GENERATION_PREFIX)}
@@ -340,6 +363,10 @@ class FtctlTrainer(Trainer):
         write_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if ids is not None:
+            self._tokens[0] += ids.numel()
+            self._tokens[1] += int(mask.sum()) if mask is not None else ids.numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if agree(not bool(torch.isfinite(loss.detach()).all()), self.args):
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
@@ -405,10 +432,12 @@ def build_trainer(
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     pad_multiple = 8 if torch.cuda.is_available() else None  # tensor-core friendly shapes on GPU
+    dropped = ("length", *task.extra_columns)
     return FtctlTrainer(
         model=model,
         args=args,
-        data_collator=DropKeys(task.collator(tokenizer, pad_multiple), ("length", *task.extra_columns)),
+        data_collator=DropKeys(task.collator(tokenizer, pad_multiple), dropped),
+        train_collator=DropKeys(task.train_collator(tokenizer, pad_multiple), dropped),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

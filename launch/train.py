@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
 
     metrics, details, predictions = engine.score(trainer, task, s.encoded["validation"])
     test_metrics = engine.score(trainer, task, s.encoded["test"])[0] if "test" in s.encoded else None
+    tokens = trainer.token_counts()  # a collective: every process takes part
 
     staging = rundir.staging_dir(run_dir) if main_process else run_dir / rundir.STAGING
     trainer.accelerator.wait_for_everyone()
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
             test_metrics,
             saved=staging,
         )
-        record["wall_time_s"] = time.time() - started_process
+        record.update(tokens, wall_time_s=time.time() - started_process)
         (staging / "README.md").write_text(model_card(record), encoding="utf-8")
         repeat = {
             k: v for k, v in record["config"].items() if k not in ("output_dir", "overwrite", "resume", "resume_from")
@@ -354,6 +355,7 @@ def _record(
         "versions": _versions(),
         "device": device_info(),
         "launch": launch_facts(s.args),
+        "precision": "bf16" if s.args.bf16 else "fp16" if s.args.fp16 else "fp32",
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,

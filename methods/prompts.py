@@ -132,6 +132,11 @@ class SoftPrompt(PeftMethod):
                     f"{self.variant} checkpoints hold the encoded prompt, not the prompt encoder, so training cannot "
                     "resume from one; start again, or evaluate the checkpoint with ftctl evaluate"
                 )
+        if getattr(ctx.task, "packs", False):
+            raise FtctlError(
+                f"{self.variant} adds virtual tokens (or a prefix cache) to each input sequence, and --packing puts "
+                "several examples in one sequence, so they would share one prompt; drop --packing"
+            )
         if self.opts.prompt_init_text is not None and kind != PROMPT:
             raise FtctlError(f"--prompt-init-text applies to prompt_tuning only, not {self.variant}")
         if self.opts.prompt_encoder_hidden_size is not None and not self.has_encoder:

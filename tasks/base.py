@@ -144,6 +144,10 @@ class Task:
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
+    def train_collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
+        """Batches for training; the evaluation batches of `collator` unless the task packs (see generation.py)."""
+        return self.collator(tokenizer, pad_to_multiple_of)
+
     # ---- model ------------------------------------------------------------------------------------------------
     def check_model(self, model_config: Any, family: str) -> None:
         if family not in self.families:

@@ -34,6 +34,11 @@ class GenerationOptions:
     max_new_tokens: int | None = option(None, "most tokens generated per example at evaluation (default: per task)")
     no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size when generating (0: off)")
     max_target_length: int | None = option(None, "truncate targets to this many tokens (default: per task)")
+    packing: bool = option(
+        False,
+        "decoders: train on padding-free packed batches (each micro-batch one row, positions restarting per example, "
+        "attention kept within each example)",
+    )
 
     def validate(self) -> None:
         for name in ("num_beams", "max_new_tokens", "max_target_length"):
@@ -78,6 +83,36 @@ class GenerationCollator:
             batch["generation_input_ids"] = self._pad(prompts, self.pad_id, left=True)
             batch["generation_attention_mask"] = self._pad([[1] * len(r) for r in prompts], 0, left=True)
         return batch
+
+
+class PackingCollator:
+    """Padding-free training batches for decoders: the micro-batch's examples concatenated into one row.
+
+    `position_ids` restart at 0 for every example and there is no attention mask, from which transformers builds
+    attention that stays inside each example (a block-diagonal causal mask for SDPA and eager attention, sequence
+    boundaries for FlashAttention); the first label of every example is -100, so no example learns to predict the
+    next one's first token. The loss therefore equals the padded batch's, without computing a single pad token.
+    `use_cache=False`: transformers only looks for packed sequences when no KV cache is passed, and a model left to
+    itself makes one (it would then attend across examples without a word).
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            ids = list(f["input_ids"])
+            input_ids += ids
+            labels += [-100, *list(f["labels"])[1:]]
+            positions += range(len(ids))
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "use_cache": False,
+        }
 
 
 def special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -148,6 +183,16 @@ class GenerationTask(Task):
             # causal-LM losses sum over response tokens and divide by the count the Trainer passes: exact
             # token-level normalisation across micro-batches and processes
             self.loss_counts_items = True
+        if getattr(self.opts, "packing", False) and family != "decoder":
+            raise FtctlError(
+                f"--packing concatenates examples in one decoder sequence; {family} models like "
+                f"'{model_config.model_type}' read inputs and targets apart, so drop --packing"
+            )
+
+    @property
+    def packs(self) -> bool:
+        """Training batches are packed (see PackingCollator)."""
+        return bool(getattr(self.opts, "packing", False)) and self.family == "decoder"
 
     def prepare_tokenizer(self, tokenizer: Any, family: str) -> None:
         if tokenizer.pad_token is None:
@@ -225,6 +270,11 @@ class GenerationTask(Task):
 
     def collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
         return GenerationCollator(tokenizer.pad_token_id, pad_to_multiple_of)
+
+    def train_collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
+        if self.packs:
+            return PackingCollator()
+        return self.collator(tokenizer, pad_to_multiple_of)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def generation_kwargs(self) -> dict[str, Any]:

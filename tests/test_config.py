@@ -43,6 +43,20 @@ def test_layering_defaults_preset_method_yaml_flags(tmp_path):
     assert r.cfg.learning_rate == 1e-4 and r.method.opts.lora_r == 16  # flags win over the file
 
 
+def test_method_defaults_per_task_kind_set_method_options_too():
+    """LoRA adapts every linear layer at r=16 for token tasks and regression (measured: query/value is not enough
+    there) and the attention query/value at r=8 for classification; the user's values win."""
+    ner = resolved("--task", "conll2003", "--method", "lora")
+    assert ner.method.opts.target_modules == ["all-linear"] and ner.method.opts.lora_r == 16
+    assert ner.cfg.learning_rate == 1e-3
+    assert resolved("--task", "stsb", "--method", "dora").method.opts.lora_r == 16
+    sst2 = resolved("--task", "sst2", "--method", "lora")
+    assert sst2.method.opts.target_modules == [] and sst2.method.opts.lora_r == 8
+    mine = resolved("--task", "conll2003", "--method", "lora", "--target-modules", "query", "--lora-r", "4")
+    assert mine.method.opts.target_modules == ["query"] and mine.method.opts.lora_r == 4
+    assert sorted(mine.explicit) == ["lora_r", "method", "target_modules", "task"]
+
+
 def test_flat_config_round_trips_through_yaml(tmp_path):
     r = resolved("--task", "sst2", "--method", "freeze", "--freeze-layers", "1", "--seed", "7")
     path = tmp_path / "config.yaml"
