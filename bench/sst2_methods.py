@@ -62,8 +62,6 @@ def bench_method(method: str, train_tsv, dev_tsv, samples: int) -> dict:
         str(train_tsv),
         "--max-train-samples",
         str(samples),
-        "--max-eval-samples",
-        "500",
         "--output-dir",
         str(out),
         "--overwrite",
@@ -181,7 +179,7 @@ def main() -> None:
         f"- data: {args.samples:,} sentences of glue_sst2/train.tsv (seeded 10% validation hold-out first), "
         "scored on all 872 sentences of dev.tsv",
         "- command per method: `ftctl train --task sst2 --method M --train-file glue_sst2/train.tsv "
-        f"--max-train-samples {args.samples} --max-eval-samples 500` then `ftctl evaluate RUN --data dev.tsv "
+        f"--max-train-samples {args.samples}` then `ftctl evaluate RUN --data dev.tsv "
         "--text-column content`; every other setting is the method's default for classification",
         "- saved MB: the adapter (PEFT methods, bottleneck adapters: adapter + task head) or the full model on disk; "
         "samples/s: training throughput; peak MB: peak resident memory of the training process (CPU)",

@@ -34,7 +34,9 @@ def build_parser() -> Any:
         "--text-column", nargs="+", action="extend", help="text column(s) of --data (default: the run's)"
     )
     parser.add_argument("--label-column", help="label column of --data (default: the run's)")
-    parser.add_argument("--max-eval-samples", type=int, help="score at most this many examples")
+    parser.add_argument(
+        "--max-eval-samples", type=int, help="score at most this many examples (default: all of --data, else the run's)"
+    )
     parser.add_argument("--batch-size", type=int, help="evaluation batch size")
     return parser
 
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FtctlError(f"--output {output} is a directory; give a file path")
 
     values = dict(spec["config"])
+    if opts["data"]:
+        values["max_eval_samples"] = None  # the run's cap was for its own splits; a file given here is scored whole
     for key in ("text_column", "label_column", "max_eval_samples"):
         if opts[key] is not None:
             values[key] = opts[key]

@@ -132,6 +132,22 @@ def test_family_trains_and_evaluates(train, family, method):
     assert {"accuracy", "f1", "precision", "recall"} <= set(result)
 
 
+def test_evaluate_data_file_is_scored_whole(train, data, tmp_path):
+    """A run capped its own evaluation splits (--max-eval-samples); a file given with --data is scored whole unless
+    evaluate is given its own cap."""
+    from launch.evaluate import main as evaluate
+
+    run_dir = train("--max-eval-samples", "10", "--epochs", "1", "--eval-strategy", "no", "--save-strategy", "no",
+                    "--no-eval-on-start")
+    assert run_json(run_dir)["data"]["validation_examples"] == 10
+    whole = evaluate([str(run_dir), "--data", str(data["test"]), "--output", str(tmp_path / "whole.json")])
+    assert whole["info"]["examples"] == 48
+    capped = evaluate([str(run_dir), "--data", str(data["test"]), "--max-eval-samples", "5",
+                       "--output", str(tmp_path / "capped.json")])
+    assert capped["info"]["examples"] == 5
+    assert evaluate([str(run_dir), "--output", str(tmp_path / "own.json")])["info"]["examples"] == 10
+
+
 def test_checkpoint_directory_evaluates(train):
     from launch.evaluate import main as evaluate
 
