@@ -83,7 +83,11 @@ class RunConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm", group=TRAIN)
     seed: int = option(42, "random seed (data split, shuffling, initialisation)", group=TRAIN)
     precision: str = option(
-        "auto", "numeric precision; auto = bf16 on GPUs that support it, else fp32", choices=PRECISIONS, group=TRAIN
+        "auto",
+        "numeric precision; auto = bf16 on GPUs that support it, and on CPUs with native bf16 for methods that keep "
+        "the backbone frozen; else fp32",
+        choices=PRECISIONS,
+        group=TRAIN,
     )
     gradient_checkpointing: bool = option(False, "recompute activations to save memory", group=TRAIN)
     compile: bool = option(False, "torch.compile the model (pays off on long GPU runs)", group=TRAIN)

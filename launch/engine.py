@@ -61,11 +61,37 @@ def batch_geometry(cfg: RunConfig, world: int) -> tuple[int, int]:
     return micro, cfg.batch_size // (micro * world)
 
 
-def precision_flags(cfg: RunConfig) -> dict[str, bool]:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX), where bf16 autocast is faster
+    than fp32; elsewhere bf16 on the CPU is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(cfg: RunConfig, method: Any = None) -> str:
+    """What `--precision auto` means on this machine for this run.
+
+    CUDA: bf16 where the GPU supports it. CPU: bf16 autocast for methods that leave the backbone frozen (adapters,
+    LoRA family, soft prompts, head, freeze) on CPUs with native bf16 and without DeepSpeed, measured faster at the
+    same accuracy (bench/RESULTS.md, perf_cpu); fp32 for methods that train every weight, which bf16 autocast slowed
+    down there, and everywhere else. FTCTL_CPU_BF16=0 keeps the CPU at fp32 (the test suite does, so that its exact
+    comparisons mean the same on every machine).
+    """
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    frozen_backbone = method is not None and not getattr(method, "trains_backbone", True)
+    wanted = os.environ.get("FTCTL_CPU_BF16", "1") != "0"
+    if wanted and frozen_backbone and not cfg.deepspeed and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def precision_flags(cfg: RunConfig, method: Any = None) -> dict[str, bool]:
     cuda = torch.cuda.is_available()
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    precision = auto_precision(cfg, method) if cfg.precision == "auto" else cfg.precision
     if precision == "fp16" and not cuda:
         raise FtctlError("--precision fp16 needs a CUDA GPU; on CPU use fp32 or bf16")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -93,7 +119,7 @@ def best_metric(cfg: RunConfig, task: Any) -> tuple[str, bool]:
     return metric, metric not in LOWER_IS_BETTER
 
 
-def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, task: Any, output_dir: str, method: Any = None) -> TrainingArguments:
     world = launched_world_size()
     micro, accum = batch_geometry(cfg, world)
     metric, greater = best_metric(cfg, task)
@@ -123,7 +149,7 @@ def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingAr
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        **precision_flags(cfg),
+        **precision_flags(cfg, method),
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         eval_strategy=cfg.eval_strategy,

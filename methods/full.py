@@ -10,6 +10,7 @@ from methods.base import Context, Method, register_method
 @register_method
 class Full(Method):
     name = "full"
+    trains_backbone = True
     description = "full fine-tuning: update every parameter"
     trains = "all parameters"
     defaults = {"*": {"learning_rate": 5e-5}}

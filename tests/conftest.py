@@ -16,6 +16,9 @@ import tiny  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `--precision auto` stays fp32 on the CPU here: tests compare outputs exactly, and whether a CPU has native bf16
+# (where auto would pick bf16 autocast) differs between machines; test_precision.py covers the rule and bf16 itself
+os.environ["FTCTL_CPU_BF16"] = "0"
 if "FTCTL_CACHE" not in os.environ:  # keep the tokenized-data cache of test runs out of the user's home
     import tempfile
 
