@@ -151,7 +151,11 @@ def main() -> None:
         cmd = [
             sys.executable,
             "-m",
-            "bench.baselines.plain_lora_sst2",
+            "bench.baselines.plain_trainer",
+            "--job",
+            "sst2",
+            "--method",
+            "lora",
             "--model",
             model,
             "--train",
@@ -166,6 +170,7 @@ def main() -> None:
         wall = run(cmd, log)
         baseline = json.loads(log.read_text().strip().splitlines()[-1])
         baseline["command_wall_s"] = wall
+        baseline["dev_accuracy"] = baseline["metrics"]["accuracy"]
         print(f"plain baseline: dev accuracy {baseline['dev_accuracy']:.4f}, {wall:.0f} s", flush=True)
 
     done = [r for r in rows if "error" not in r]
@@ -203,7 +208,8 @@ def main() -> None:
     if baseline:
         lines += [
             "",
-            "Baseline measured in the same run, `python -m bench.baselines.plain_lora_sst2` (transformers Trainer + "
+            "Baseline measured in the same run, `python -m bench.baselines.plain_trainer --job sst2 --method lora` "
+            "(transformers Trainer + "
             "peft LoRA query/value r=8 alpha 16, lr 5e-4, batch 16, 2 epochs, dynamic padding, first "
             f"{args.samples:,} sentences): dev accuracy {baseline['dev_accuracy']:.4f}, "
             f"{baseline['samples_per_second']:.1f} samples/s, {baseline['train_runtime_s']:.0f} s training, "

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench.common import OUT, ftctl, machine, need_data, run, save, versions
+from bench.tiny_models import build_models
 
 FIXTURES = "hf_test_fixtures"
 
@@ -46,50 +47,6 @@ def corpus(paths: list[Path]) -> list[str]:
                 value, at = decoder.raw_decode(text, at)
                 walk(value)
     return texts
-
-
-def build_models(texts: list[str], folder: Path) -> dict[str, Path]:
-    import torch
-    import transformers as t
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    out = {}
-    for family in ("t5", "gpt2"):
-        specials = ["<pad>", "</s>", "<unk>"] if family == "t5" else ["<|endoftext|>"]
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=2000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        tok.train_from_iterator(texts, trainer)
-        torch.manual_seed(0)
-        if family == "t5":
-            tok.post_processor = processors.TemplateProcessing(
-                single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
-            )
-            fast = t.PreTrainedTokenizerFast(
-                tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512
-            )
-            pad, eos = fast.pad_token_id, fast.eos_token_id
-            config = t.T5Config(
-                vocab_size=len(fast), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
-                pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad,
-            )  # fmt: skip
-            model = t.T5ForConditionalGeneration(config)
-        else:
-            fast = t.PreTrainedTokenizerFast(
-                tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", model_max_length=512
-            )
-            config = t.GPT2Config(
-                vocab_size=len(fast), n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-            )  # fmt: skip
-            model = t.GPT2LMHeadModel(config)
-        model.save_pretrained(folder / family)
-        fast.save_pretrained(folder / family)
-        out[family] = folder / family
-    return out
 
 
 def main() -> None:

@@ -1,0 +1,407 @@
+"""Performance: ftctl against the plain transformers/peft way of the same job, measured in one invocation.
+
+    python -m bench.run                                  # every scenario (about 20 minutes on 2 CPU cores)
+    python -m bench.run --scenarios sst2_lora t5_generation
+    python -m bench.run --list
+
+Each scenario runs ftctl as a user would (`ftctl train` / `ftctl evaluate` processes, ftctl's defaults unless the
+scenario says otherwise) and, in the same invocation, the baselines of issue 7:
+
+- (a) the typical hand-written script: transformers Trainer, every example padded to a fixed length, peft LoRA (or
+  the scenario's method); it runs about 10x slower, so it is timed over a fixed number of optimizer steps
+  (throughput only, no metric);
+- (b) the best plain-library way: Trainer with dynamic padding and `group_by_length`, the whole job, scored.
+
+Both are `bench/baselines/plain_trainer.py`, which uses no ftctl code. Results: bench/results/perf_cpu.{md,json}
+(perf_gpu on a CUDA machine) and a dated entry in bench/RESULTS.md, with the machine, library versions, every
+command, and per row samples/s, real (non-pad) tokens/s, the padding fraction computed, peak memory, wall time, the
+metric reached, and ratios to baseline (b) and (a). Whole-process speed (trained samples / process wall time,
+start-up, tokenization, evaluation and saving included) is reported beside the training speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import OUT, ftctl, machine, need_data, run, save, versions
+
+PERF = OUT / "perf"
+PY = sys.executable
+
+
+@dataclass
+class Row:
+    """One measured command of a scenario."""
+
+    label: str
+    kind: str  # ftctl | baseline_a | baseline_b | reference
+    command: list[str]
+    read: Callable[[Path, float], dict[str, Any]]  # (log path, process wall seconds) -> measured numbers
+    note: str = ""
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    rows: Callable[[], list[Row]]
+    metric: str
+    speed: str = "samples_per_second"  # the throughput the ratios compare
+    target: tuple[float, str] | None = None  # (ratio, versus which kind) the issue asks for
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---- reading what a command measured ------------------------------------------------------------------------------
+def last_json(log: Path) -> dict[str, Any]:
+    return json.loads(log.read_text().strip().splitlines()[-1])
+
+
+def baseline_reader(metric: str) -> Callable[[Path, float], dict[str, Any]]:
+    def read(log: Path, wall: float) -> dict[str, Any]:
+        out = last_json(log)
+        out["metric"] = out["metrics"].get(metric)
+        out["whole_process_samples_per_second"] = out["train_samples"] / wall
+        return out
+
+    return read
+
+
+def ftctl_reader(run_dir: Path, metric: str, split: str = "test_metrics") -> Callable[[Path, float], dict[str, Any]]:
+    def read(log: Path, wall: float) -> dict[str, Any]:
+        record = json.loads((run_dir / "run.json").read_text())
+        seconds = record["train_runtime_s"]
+        samples = record["samples_per_second"] * seconds
+        scored = record.get(split) or record["metrics"]
+        return {
+            "samples_per_second": record["samples_per_second"],
+            "real_tokens_per_second": record["train_real_tokens"] / seconds,
+            "padding_fraction": record["padding_fraction"],
+            "train_runtime_s": seconds,
+            "train_samples": round(samples),
+            "peak_memory_mb": record["peak_memory_mb"],
+            "whole_process_samples_per_second": samples / wall,
+            "metric": scored.get(metric),
+            "precision": record.get("precision"),
+        }
+
+    return read
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+def sst2_files() -> dict[str, Path]:
+    """The first 2,000 SST-2 training sentences (what both sides train on), the next 200 (ftctl's validation split
+    for choosing the best epoch; the baseline does not select), and dev.tsv (what both are scored on; its text
+    column renamed from `content` to the training files' `sentence`)."""
+    train, dev = need_data("glue_sst2/train.tsv", "glue_sst2/dev.tsv")
+    folder = PERF / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(path: Path) -> list[list[str]]:
+        with open(path, encoding="utf-8") as f:
+            return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+    body, dev_rows = rows(train)[1:], rows(dev)[1:]
+    parts = {"train": body[:2000], "val": body[2000:2200], "dev": dev_rows}
+    out = {}
+    for name, part in parts.items():
+        out[name] = folder / f"sst2_{name}.tsv"
+        with open(out[name], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+            writer.writerows([["label", "sentence"], *part])
+    return out
+
+
+def minilm() -> str:
+    from launch.models import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+# ---- scenarios ----------------------------------------------------------------------------------------------------
+def plain_rows(plain: list[str], name: str, metric: str, pad_to: int, a_steps: int) -> list[Row]:
+    """Baselines (b), the whole job, and (a), padded to `pad_to` and timed over `a_steps` optimizer steps."""
+    return [
+        Row("plain (b): dynamic padding + group_by_length", "baseline_b",
+            [*plain, "--group-by-length", "--output-dir", str(PERF / f"{name}-plain-b")], baseline_reader(metric)),
+        Row(f"plain (a): padded to {pad_to}, {a_steps} steps", "baseline_a",
+            [*plain, "--pad-to", str(pad_to), "--max-steps", str(a_steps), "--output-dir",
+             str(PERF / f"{name}-plain-a")], baseline_reader(metric), note="throughput only"),
+    ]  # fmt: skip
+
+
+def sst2_scenario(method: str, epochs: int, a_steps: int) -> Callable[[], list[Row]]:
+    def rows() -> list[Row]:
+        files, model = sst2_files(), minilm()
+        out = PERF / f"sst2-{method}"
+        train = [
+            ftctl(), "train", "--task", "sst2", "--method", method, "--model", model,
+            "--train-file", str(files["train"]), "--validation-file", str(files["val"]), "--test-file",
+            str(files["dev"]), "--epochs", str(epochs), "--report-to", "none",
+            "--output-dir", str(out), "--overwrite",
+        ]  # fmt: skip
+        plain = [
+            PY, "-m", "bench.baselines.plain_trainer", "--job", "sst2", "--method", method, "--model", model,
+            "--train", str(files["train"]), "--dev", str(files["dev"]), "--samples", "2000", "--epochs", str(epochs),
+            "--lr", "5e-5" if method == "full" else "5e-4",
+        ]  # fmt: skip
+        return [
+            Row("ftctl (defaults)", "ftctl", train, ftctl_reader(out, "accuracy")),
+            *plain_rows(plain, f"sst2-{method}", "accuracy", 256, a_steps),
+        ]
+
+    return rows
+
+
+def ner_rows() -> list[Row]:
+    train, dev = need_data("conll2003/eng.train", "conll2003/eng.testa")
+    model, out = minilm(), PERF / "ner-lora"
+    cmd = [
+        ftctl(), "train", "--task", "conll2003", "--method", "lora", "--model", model, "--train-file", str(train),
+        "--validation-file", str(dev), "--max-train-samples", "1000", "--max-eval-samples", "500", "--epochs", "1",
+        "--report-to", "none", "--output-dir", str(out), "--overwrite",
+    ]  # fmt: skip
+    plain = [
+        PY, "-m", "bench.baselines.plain_trainer", "--job", "ner", "--method", "lora", "--model", model, "--train",
+        str(train), "--dev", str(dev), "--samples", "1000", "--dev-samples", "500", "--epochs", "1", "--lr", "1e-3",
+    ]  # fmt: skip
+    return [
+        Row("ftctl (defaults)", "ftctl", cmd, ftctl_reader(out, "f1", split="metrics")),
+        *plain_rows(plain, "ner", "f1", 256, 20),
+    ]
+
+
+def tiny_generative_models() -> dict[str, Path]:
+    from bench.tasks_generative import corpus
+    from bench.tiny_models import build_models
+
+    (alpaca,) = need_data("alpaca/alpaca_data_1k.json")
+    folder = PERF / "tiny-models"
+    if not all((folder / f / "config.json").exists() for f in ("t5", "llama")):
+        build_models(corpus([alpaca]), folder, families=("t5", "llama"), size="small")
+    return {"t5": folder / "t5", "llama": folder / "llama"}
+
+
+def summaries_file() -> tuple[Path, Path]:
+    """A summarization set from Alpaca 1k (document: the response, summary: the instruction): real English text of
+    varied length for generation throughput; train: the first 100 rows, evaluation: the next 300."""
+    (alpaca,) = need_data("alpaca/alpaca_data_1k.json")
+    rows = json.loads(alpaca.read_text(encoding="utf-8"))
+    folder = PERF / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, part in (("summaries_train.jsonl", rows[:100]), ("summaries_eval.jsonl", rows[100:400])):
+        with open(folder / name, "w", encoding="utf-8") as f:
+            for r in part:
+                f.write(json.dumps({"document": r["output"], "summary": r["instruction"]}) + "\n")
+        paths.append(folder / name)
+    return paths[0], paths[1]
+
+
+GENERATION_TOKENS = 32
+
+
+def t5_generation_rows() -> list[Row]:
+    model = tiny_generative_models()["t5"]
+    train, evaluation = summaries_file()
+    out = PERF / "t5-summarization"
+    common = ["--max-new-tokens", str(GENERATION_TOKENS), "--max-length", "512"]
+    setup = [
+        ftctl(), "train", "--task", "summarization", "--method", "full", "--model", str(model), "--train-file",
+        str(train), "--max-steps", "1", "--eval-strategy", "no", "--save-strategy", "no", "--report-to", "none",
+        *common, "--output-dir", str(out), "--overwrite",
+    ]  # fmt: skip
+    scored = PERF / "t5-summarization-eval.json"
+    evaluate = [ftctl(), "evaluate", str(out), "--data", str(evaluation), "--output", str(scored)]
+
+    def read_ftctl(log: Path, wall: float) -> dict[str, Any]:
+        result = json.loads(scored.read_text())
+        speed = result["details"]["speed"]
+        return {
+            "examples_per_second": speed["samples_per_second"],
+            "runtime_s": speed["runtime"],
+            "whole_process_examples_per_second": result["info"]["examples"] / wall,
+            "metric": result.get("rougeL"),
+        }
+
+    def read_plain(log: Path, wall: float) -> dict[str, Any]:
+        out = last_json(log)
+        out["metric"] = out["rougeL"]
+        return out
+
+    single = [
+        PY, "-m", "bench.baselines.plain_generate", "--model", str(model), "--data", str(evaluation),
+        "--prefix", "summarize: ", "--max-new-tokens", str(GENERATION_TOKENS), "--max-length", "512",
+    ]  # fmt: skip
+    return [
+        Row("ftctl train (1 step, to have a run to evaluate)", "setup", setup, lambda log, wall: {}),
+        Row("ftctl evaluate (batched, sorted by length, KV cache)", "ftctl", evaluate, read_ftctl),
+        Row("plain: one example at a time, model.generate", "baseline_b", single, read_plain),
+    ]
+
+
+def sft_rows() -> list[Row]:
+    model = tiny_generative_models()["llama"]
+    (alpaca,) = need_data("alpaca/alpaca_data_1k.json")
+    rows = json.loads(alpaca.read_text(encoding="utf-8"))
+    held = PERF / "data" / "alpaca_heldout.json"
+    held.parent.mkdir(parents=True, exist_ok=True)
+    held.write_text(json.dumps(rows[800:900]))
+    cmd = [
+        ftctl(), "train", "--task", "alpaca", "--method", "full", "--model", str(model), "--train-file", str(alpaca),
+        "--validation-file", str(held), "--max-train-samples", "800", "--epochs", "1", "--batch-size", "8",
+        "--learning-rate", "1e-3", "--max-length", "512", "--report-to", "none", "--overwrite",
+    ]  # fmt: skip
+    plain = [
+        PY, "-m", "bench.baselines.plain_trainer", "--job", "sft", "--method", "full", "--model", str(model),
+        "--train", str(alpaca), "--samples", "800", "--dev-samples", "100", "--epochs", "1", "--batch-size", "8",
+        "--lr", "1e-3", "--max-length", "512",
+    ]  # fmt: skip
+    packed, padded = PERF / "sft-packed", PERF / "sft-padded"
+    return [
+        Row("ftctl --packing", "ftctl", [*cmd, "--packing", "--output-dir", str(packed)],
+            ftctl_reader(packed, "perplexity", split="metrics")),
+        Row("ftctl without packing (dynamic padding, length groups)", "reference",
+            [*cmd, "--output-dir", str(padded)], ftctl_reader(padded, "perplexity", split="metrics")),
+        *plain_rows(plain, "sft", "eval_loss", 512, 10),
+    ]
+
+
+SCENARIOS = {
+    s.name: s
+    for s in [
+        Scenario("sst2_lora", "MiniLM, SST-2: 2,000 sentences, 2 epochs, LoRA; scored on dev.tsv (872)",
+                 sst2_scenario("lora", 2, 20), "accuracy", target=(1.3, "baseline_b")),
+        Scenario("sst2_full", "MiniLM, SST-2: 2,000 sentences, 1 epoch, full fine-tuning; scored on dev.tsv",
+                 sst2_scenario("full", 1, 10), "accuracy"),
+        Scenario("sst2_qlora", "MiniLM, SST-2: 2,000 sentences, 1 epoch, QLoRA (4-bit NF4); scored on dev.tsv",
+                 sst2_scenario("qlora", 1, 5), "accuracy"),
+        Scenario("ner_lora", "MiniLM, CoNLL-2003 NER: 1,000 sentences, 1 epoch, LoRA; entity F1 on 500 of eng.testa",
+                 ner_rows, "f1"),
+        Scenario("t5_generation", "tiny T5 (random weights), summarization evaluation: 300 documents, "
+                 f"{GENERATION_TOKENS} new tokens at most, greedy", t5_generation_rows, "rougeL",
+                 speed="examples_per_second", target=(5.0, "baseline_b")),
+        Scenario("sft_packing", "tiny Llama (random weights), Alpaca instruction tuning: 800 examples, 1 epoch, full",
+                 sft_rows, "perplexity / eval loss", speed="real_tokens_per_second"),
+    ]
+}  # fmt: skip
+
+
+def run_scenario(scenario: Scenario) -> None:
+    for row in scenario.rows():
+        log = PERF / "logs" / f"{scenario.name}-{row.kind}.log"
+        wall = run(row.command, log)
+        measured = row.read(log, wall)
+        measured.setdefault("wall_time_s", wall)
+        command = " ".join(str(c) for c in row.command).replace(str(OUT), "bench/out").replace(PY, "python")
+        scenario.results.append({"label": row.label, "kind": row.kind, "note": row.note, "command": command,
+                                 "process_wall_s": wall, **measured})  # fmt: skip
+        print(f"{scenario.name} / {row.label}: {measured.get(scenario.speed)} ({wall:.0f} s)", flush=True)
+
+
+def ratios(scenario: Scenario) -> None:
+    by_kind = {r["kind"]: r for r in scenario.results}
+    for r in scenario.results:
+        for kind in ("baseline_b", "baseline_a"):
+            base = by_kind.get(kind)
+            if base and base is not r and r.get(scenario.speed) and base.get(scenario.speed):
+                r[f"ratio_vs_{kind}"] = r[scenario.speed] / base[scenario.speed]
+            whole = "whole_process_samples_per_second"
+            if base and base is not r and r.get(whole) and base.get(whole):
+                r[f"whole_process_ratio_vs_{kind}"] = r[whole] / base[whole]
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def markdown(scenarios: list[Scenario], started: float) -> str:
+    lines = [
+        "# Performance: ftctl vs the plain transformers/peft way, same machine, same invocation",
+        "",
+        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; "
+        + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        f"- `python -m bench.run --scenarios {' '.join(s.name for s in scenarios)}` "
+        f"({(time.time() - started) / 60:.1f} minutes)",
+        "- (a) Trainer, every example padded to a fixed length (timed over a few steps: throughput only); (b) Trainer "
+        "with dynamic padding and group_by_length (the whole job, scored). Ratios: this row's speed over the "
+        "baseline's; whole-process: trained samples over the process's wall time (start-up, tokenization, "
+        "evaluation and saving included)",
+        "",
+    ]
+    for s in scenarios:
+        lines += [f"## {s.name}: {s.description}", ""]
+        if s.speed == "examples_per_second":
+            lines += ["| row | examples/s | eval s | process wall s | ROUGE-L | ratio vs one-at-a-time |",
+                      "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for r in s.results:
+                if r["kind"] == "setup":
+                    continue
+                lines.append(
+                    f"| {r['label']} | {fmt(r.get('examples_per_second'))} | {fmt(r.get('runtime_s'))} | "
+                    f"{fmt(r['process_wall_s'], 0)} | {fmt(r.get('metric'), 4)} | "
+                    f"{fmt(r.get('ratio_vs_baseline_b'), 2)} |"
+                )
+        else:
+            lines += [
+                f"| row | samples/s | real tokens/s | padding | peak MB | train s | process wall s | {s.metric} | "
+                "vs (b) | vs (a) | whole-process vs (b) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for r in s.results:
+                pad = r.get("padding_fraction")
+                lines.append(
+                    f"| {r['label']} | {fmt(r.get('samples_per_second'))} | {fmt(r.get('real_tokens_per_second'), 0)} "
+                    f"| {'-' if pad is None else f'{100 * pad:.1f}%'} | {fmt(r.get('peak_memory_mb'), 0)} | "
+                    f"{fmt(r.get('train_runtime_s'), 0)} | {fmt(r['process_wall_s'], 0)} | "
+                    f"{fmt(r.get('metric'), 4) if r.get('metric') is not None else r['note'] or '-'} | "
+                    f"{fmt(r.get('ratio_vs_baseline_b'), 2)} | {fmt(r.get('ratio_vs_baseline_a'), 2)} | "
+                    f"{fmt(r.get('whole_process_ratio_vs_baseline_b'), 2)} |"
+                )
+        if s.target:
+            ratio, kind = s.target
+            mine = next((r for r in s.results if r["kind"] == "ftctl"), {})
+            got = mine.get(f"ratio_vs_{kind}")
+            verdict = "met" if got is not None and got >= ratio else "NOT met"
+            lines += ["", f"Target: >= {ratio:g}x {kind.replace('_', ' ')} ({s.speed}): {fmt(got, 2)}x, {verdict}."]
+        lines += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in s.results] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--name", default=None, help="result file name (default: perf_cpu / perf_gpu)")
+    args = parser.parse_args()
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"{s.name}: {s.description}")
+        return
+    import torch
+
+    started = time.time()
+    chosen = [SCENARIOS[n] for n in args.scenarios]
+    for scenario in chosen:
+        run_scenario(scenario)
+        ratios(scenario)
+    text = markdown(chosen, started)
+    name = args.name or ("perf_gpu" if torch.cuda.is_available() else "perf_cpu")
+    payload = {"machine": machine(), "versions": versions(), "scenarios": {s.name: s.results for s in chosen}}
+    save(name, payload, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
