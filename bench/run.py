@@ -236,8 +236,8 @@ def t5_generation_rows() -> list[Row]:
         out["metric"] = out["rougeL"]
         return out
 
-    single = [
-        PY, "-m", "bench.baselines.plain_generate", "--model", str(model), "--data", str(evaluation),
+    single = [  # the same weights: the run directory holds the whole model
+        PY, "-m", "bench.baselines.plain_generate", "--model", str(out), "--data", str(evaluation),
         "--prefix", "summarize: ", "--max-new-tokens", str(GENERATION_TOKENS), "--max-length", "512",
     ]  # fmt: skip
     return [

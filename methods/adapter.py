@@ -44,8 +44,14 @@ class Adapter(Method):
     Options = AdapterOptions
     is_peft = True  # saves an adapter directory to load onto the base model
     merge_refusal = "bottleneck adapters are non-linear and cannot be folded into the weights; evaluate the run as is"
-    # like LoRA: 1e-3 for classification; regression heads diverge at that rate (measured for LoRA on STS-B)
-    defaults = {"*": {"learning_rate": 1e-3, "epochs": 5.0}, "regression": {"learning_rate": 3e-4}}
+    # SST-2 with MiniLM (2,000 sentences, 5 epochs, all of dev.tsv): 1e-3 fitted the training phrases and reached
+    # 0.764 on the dev sentences, 3e-4 reached 0.827, 1e-4 0.795; regression heads diverge at 1e-3 (measured for LoRA
+    # on STS-B)
+    defaults = {
+        "*": {"learning_rate": 1e-3, "epochs": 5.0},
+        "classification": {"learning_rate": 3e-4},
+        "regression": {"learning_rate": 3e-4},
+    }
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

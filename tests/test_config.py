@@ -19,7 +19,8 @@ def test_layering_defaults_preset_method_yaml_flags(tmp_path):
     assert r.cfg.text_column == ["sentence"]  # preset
     assert r.cfg.max_length == 256  # task default
     assert r.cfg.learning_rate == 1e-3  # lora default for classification
-    assert resolved("--task", "sst2", "--method", "full").cfg.learning_rate == 5e-5
+    assert resolved("--task", "sst2", "--method", "full").cfg.learning_rate == 1e-4  # full on classification
+    assert resolved("--task", "conll2003", "--method", "full").cfg.learning_rate == 5e-5  # full elsewhere
     assert resolved("--task", "imdb").cfg.max_length == 512  # preset beats task default
 
     config = tmp_path / "run.yaml"
