@@ -87,16 +87,19 @@ def main() -> None:
                 "task": s["task"],
                 "data": s["data"],
                 "method": args.method,
+                "precision": record["precision"],
                 "learning_rate": record["config"]["learning_rate"],
                 "epochs": record["config"]["epochs"],
                 "trainable_params": record["trainable_params"],
                 "train_runtime_s": record["train_runtime_s"],
                 "samples_per_second": record["samples_per_second"],
+                "peak_memory_mb": record["peak_memory_mb"],
                 "command_wall_s": wall,
                 "metrics": {k: metrics[k] for k in s["metrics"]},
                 "goal": f"{goal[0]} >= {goal[1]}" if goal else "pipeline check",
                 "met": bool(metrics[goal[0]] >= goal[1]) if goal else None,
-                "command": "ftctl " + " ".join(cmd[1:]).replace(str(need_data("")[0]) + "/", ""),
+                "command": "ftctl "
+                + " ".join(cmd[1:]).replace(str(need_data("")[0]) + "/", "").replace(str(OUT), "bench/out"),
             }
         )
         print(f"{name}: {rows[-1]['metrics']} in {wall:.0f} s", flush=True)
@@ -104,18 +107,21 @@ def main() -> None:
     lines = [
         "# Classic NLP tasks, pretrained MiniLM (all-MiniLM-L6-v2), ftctl defaults",
         "",
-        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; "
+        + ", ".join(f"{k} {v}" for k, v in versions().items()),
         "",
-        "| task | data | method | lr | epochs | trainable | train s | samples/s | wall s | metrics | goal |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| task | data | method | precision | lr | epochs | trainable | train s | samples/s | peak MB | wall s "
+        "| metrics | goal |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         shown = ", ".join(f"{k} {v:.4f}" if abs(v) <= 1 else f"{k} {v:.2f}" for k, v in r["metrics"].items())
         verdict = r["goal"] + (" (met)" if r["met"] else " (NOT met)" if r["met"] is False else "")
         lines.append(
-            f"| {r['task']} | {r['data']} | {r['method']} | {r['learning_rate']:g} | {r['epochs']:g} | "
-            f"{r['trainable_params']:,} | {r['train_runtime_s']:.0f} | {r['samples_per_second']:.1f} | "
-            f"{r['command_wall_s']:.0f} | {shown} | {verdict} |"
+            f"| {r['task']} | {r['data']} | {r['method']} | {r['precision']} | {r['learning_rate']:g} | "
+            f"{r['epochs']:g} | {r['trainable_params']:,} | {r['train_runtime_s']:.0f} | "
+            f"{r['samples_per_second']:.1f} | {r['peak_memory_mb']:.0f} | {r['command_wall_s']:.0f} | {shown} | "
+            f"{verdict} |"
         )
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
     save(
