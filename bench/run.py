@@ -137,7 +137,12 @@ def plain_rows(plain: list[str], name: str, metric: str, pad_to: int, a_steps: i
     ]  # fmt: skip
 
 
-def sst2_scenario(method: str, epochs: int, a_steps: int) -> Callable[[], list[Row]]:
+def sst2_scenario(
+    method: str, epochs: int, a_steps: int, other_precision: str | None = None
+) -> Callable[[], list[Row]]:
+    """ftctl with its defaults, the two plain baselines, and optionally ftctl at another precision than its auto
+    choice (the measurement behind that choice)."""
+
     def rows() -> list[Row]:
         files, model = sst2_files(), minilm()
         out = PERF / f"sst2-{method}"
@@ -152,8 +157,15 @@ def sst2_scenario(method: str, epochs: int, a_steps: int) -> Callable[[], list[R
             "--train", str(files["train"]), "--dev", str(files["dev"]), "--samples", "2000", "--epochs", str(epochs),
             "--lr", "5e-5" if method == "full" else "5e-4",
         ]  # fmt: skip
+        other = []
+        if other_precision:
+            alt = PERF / f"sst2-{method}-{other_precision}"
+            command = [*train[: train.index("--output-dir")], "--precision", other_precision, "--output-dir", str(alt),
+                       "--overwrite"]  # fmt: skip
+            other = [Row(f"ftctl --precision {other_precision}", "reference", command, ftctl_reader(alt, "accuracy"))]
         return [
             Row("ftctl (defaults)", "ftctl", train, ftctl_reader(out, "accuracy")),
+            *other,
             *plain_rows(plain, f"sst2-{method}", "accuracy", 256, a_steps),
         ]
 
@@ -278,9 +290,9 @@ SCENARIOS = {
     s.name: s
     for s in [
         Scenario("sst2_lora", "MiniLM, SST-2: 2,000 sentences, 2 epochs, LoRA; scored on dev.tsv (872)",
-                 sst2_scenario("lora", 2, 20), "accuracy", target=(1.3, "baseline_b")),
+                 sst2_scenario("lora", 2, 20, other_precision="fp32"), "accuracy", target=(1.3, "baseline_b")),
         Scenario("sst2_full", "MiniLM, SST-2: 2,000 sentences, 1 epoch, full fine-tuning; scored on dev.tsv",
-                 sst2_scenario("full", 1, 10), "accuracy"),
+                 sst2_scenario("full", 1, 10, other_precision="bf16"), "accuracy"),
         Scenario("sst2_qlora", "MiniLM, SST-2: 2,000 sentences, 1 epoch, QLoRA (4-bit NF4); scored on dev.tsv",
                  sst2_scenario("qlora", 1, 5), "accuracy"),
         Scenario("ner_lora", "MiniLM, CoNLL-2003 NER: 1,000 sentences, 1 epoch, LoRA; entity F1 on 500 of eng.testa",

@@ -105,7 +105,13 @@ class SoftPrompt(PeftMethod):
         "prompt_tuning": {"kind": PROMPT},
         "p_tuning": {"kind": ENCODER, "defaults": {"*": {"load_best_model_at_end": False}}},
         "prefix_tuning": {"kind": PREFIX, "projection": False},
-        "p_tuning_v2": {"kind": PREFIX, "projection": True, "defaults": {"*": {"load_best_model_at_end": False}}},
+        # the prefix projection (an MLP producing every layer's keys and values) does not learn at 1e-2 or 3e-3:
+        # SST-2 with MiniLM stayed at the majority class (0.509 on dev); 1e-3 reached 0.789
+        "p_tuning_v2": {
+            "kind": PREFIX,
+            "projection": True,
+            "defaults": {"*": {"load_best_model_at_end": False, "learning_rate": 1e-3}},
+        },
     }
     refusals = REFUSALS
     merge_refusal = "its virtual tokens are inputs, not weights; load the run with peft.PeftModel.from_pretrained"
