@@ -16,7 +16,7 @@ from typing import Any
 from launch.errors import FtctlError
 from launch.options import option
 from methods.base import Context, register_method
-from methods.lora import DEFAULT_ALPHA, Lora, LoraOptions, resolve_targets
+from methods.lora import ALL_LINEAR, DEFAULT_ALPHA, Lora, LoraOptions, resolve_targets
 from methods.matrix import Refusal
 
 
@@ -77,6 +77,15 @@ class AdaLora(Lora):
     trains = "SVD-form low-rank adapters + head"
     Options = AdaLoraOptions
     variants = {}
+    # Every linear layer of the blocks, as in the AdaLoRA paper (it adapts all weight matrices, the budget decides
+    # where rank goes). SST-2 with MiniLM (2,000 sentences, 5 epochs, all of dev.tsv): on LoRA's query/value targets
+    # AdaLoRA stayed at 0.799-0.804 for lr 1e-3 to 3e-3; on every linear layer it reached 0.820 at 1e-3, 0.825 at 2e-3.
+    defaults = {
+        "*": {"learning_rate": 5e-4, "target_modules": [ALL_LINEAR]},
+        "classification": {"learning_rate": 2e-3, "epochs": 5.0},
+        "regression": {"learning_rate": 3e-4},
+        "tokens": {"learning_rate": 1e-3},
+    }
     refusals = (
         Refusal(
             "DeepSpeed",
