@@ -186,7 +186,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
             f"{record['peak_memory_mb']:.0f} MB -> {run_dir}\nscore it: ftctl evaluate {run_dir} --baseline"
         )
     trainer.accelerator.wait_for_everyone()
+    _leave_process_group()
     return metrics
+
+
+def _leave_process_group() -> None:
+    """Shut the distributed process group down before the interpreter does: left to interpreter exit, gloo's worker
+    threads are sometimes still joinable when their C++ destructors run, and the process dies with "terminate called
+    without an active exception" (exit 1) after a run that succeeded (seen with DeepSpeed ZeRO-3 on 2 CPU
+    processes)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _raise_if_stopped(trainer: Any, argv: list[str], prog: str) -> None:
