@@ -122,7 +122,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    padding = {"padding": "max_length", "max_length": args.pad_to} if args.pad_to else {}
+    padding = {"padding": "max_length"} if args.pad_to else {}
     max_length = args.pad_to or args.max_length
 
     if args.job == "sst2":
@@ -180,6 +180,7 @@ def main() -> None:
         load["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=["classifier", "pooler", "score", "lm_head"],  # heads stay in full precision
         )  # fmt: skip
     model = auto.from_pretrained(args.model, **load)
     if model.config.pad_token_id is None:
