@@ -84,8 +84,8 @@ class RunConfig:
     seed: int = option(42, "random seed (data split, shuffling, initialisation)", group=TRAIN)
     precision: str = option(
         "auto",
-        "numeric precision; auto = bf16 on GPUs that support it, and on CPUs with native bf16 for methods that keep "
-        "the backbone frozen; else fp32",
+        "numeric precision; auto = bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16, AMX), "
+        "else fp32",
         choices=PRECISIONS,
         group=TRAIN,
     )

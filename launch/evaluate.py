@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ftctl-eval-") as scratch:
         cfg.report_to, cfg.eval_strategy, cfg.save_strategy, cfg.early_stopping_patience = ["none"], "no", "no", None
         cfg.deepspeed = None  # scoring needs no sharded optimizer; the saved result loads without DeepSpeed
-        args = engine.training_arguments(cfg, task, scratch, method)
+        args = engine.training_arguments(cfg, task, scratch)
         engine.check_world(args)
 
         def evaluate_model(model: Any) -> tuple[dict[str, Any], dict[str, Any], Any, float]:

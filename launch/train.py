@@ -61,7 +61,7 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
     from launch.cache import encode_cached
     from methods.base import Context
 
-    args = engine.training_arguments(cfg, task, cfg.output_dir, method)
+    args = engine.training_arguments(cfg, task, cfg.output_dir)
     engine.check_world(args)
     ctx = Context(cfg=cfg, task=task, model_config=model_config, family=family, facts=launch_facts(args))
     method.check(ctx)

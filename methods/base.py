@@ -52,7 +52,6 @@ class Method:
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # task kind (or "*") -> run option defaults
     refusals: ClassVar[tuple[Refusal, ...]] = ()  # combinations it cannot run: its row of methods/matrix.py
     mergeable: ClassVar[bool] = False  # `ftctl merge` can fold the trained result into the base weights
-    trains_backbone: ClassVar[bool] = False  # updates the pretrained weights themselves (full, llrd), not additions
     merge_refusal: ClassVar[str] = "its run directory already holds a full model; load it with transformers"
 
     def __init__(self, opts: Any, variant: str, settings: dict[str, Any]):

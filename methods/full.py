@@ -10,7 +10,6 @@ from methods.base import Context, Method, register_method
 @register_method
 class Full(Method):
     name = "full"
-    trains_backbone = True
     description = "full fine-tuning: update every parameter"
     trains = "all parameters"
     # SST-2 with MiniLM, 2,000 sentences, 3 epochs, scored on all of dev.tsv: 1e-4 reached 0.822, the BERT-base

@@ -60,7 +60,6 @@ def layer_depths(model: Any, heads: list[str]) -> dict[str, tuple[int, str]]:
 @register_method
 class LayerwiseDecay(Method):
     name = "llrd"
-    trains_backbone = True
     description = "full fine-tuning with layer-wise learning-rate decay (--lr-decay per layer below the top)"
     trains = "all parameters, lower layers slower"
     Options = LlrdOptions

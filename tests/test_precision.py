@@ -11,18 +11,15 @@ from launch.config import resolve
 
 
 def chosen(*argv: str) -> str:
-    r = resolve(["--task", "sst2", *argv], prog="test")
-    return engine.auto_precision(r.cfg, r.method)
+    return engine.auto_precision(resolve(["--task", "sst2", *argv], prog="test").cfg)
 
 
 def test_auto_precision_rule(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setenv("FTCTL_CPU_BF16", "1")
-    for method in ("lora", "dora", "qlora", "adapter", "head", "freeze", "prompt_tuning", "ia3"):
+    for method in ("lora", "full", "llrd", "qlora", "adapter", "head", "prompt_tuning"):
         assert chosen("--method", method) == "bf16", method
-    for method in ("full", "llrd"):  # every weight trains: bf16 autocast was slower there
-        assert chosen("--method", method) == "fp32", method
     assert chosen("--method", "lora", "--deepspeed", "zero2") == "fp32"
     monkeypatch.setenv("FTCTL_CPU_BF16", "0")
     assert chosen("--method", "lora") == "fp32"
