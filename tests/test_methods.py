@@ -117,6 +117,11 @@ def test_lora_variants_and_options(build):
     assert config.use_rslora and config.r == 4
     layer = model.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.query")
     assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)
+    query = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    model, _ = build("bert", "rslora")  # default alpha 12: at r = 8 about LoRA's scale of 32/8
+    assert model.get_submodule(query).scaling["default"] == pytest.approx(12 / 8**0.5)
+    model, _ = build("bert", "lora")
+    assert model.get_submodule(query).scaling["default"] == pytest.approx(32 / 8)
     model, _ = build("bert", "dora")
     assert any("lora_magnitude_vector" in n for n in trainable(model))
     model, _ = build("bert", "lora", "--target-modules", "all-linear")
