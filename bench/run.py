@@ -141,10 +141,15 @@ def plain_rows(plain: list[str], name: str, metric: str, pad_to: int, a_steps: i
 
 
 def sst2_scenario(
-    method: str, epochs: int, a_steps: int, other_precision: str | None = None
+    method: str,
+    epochs: int,
+    a_steps: int,
+    other_precision: str | None = None,
+    references: tuple[tuple[str, list[str], list[str]], ...] = (),
 ) -> Callable[[], list[Row]]:
     """ftctl with its defaults, the two plain baselines, and optionally ftctl at another precision than its auto
-    choice (the measurement behind that choice)."""
+    choice (the measurement behind that choice) and other reference rows: (label, extra ftctl options,
+    environment settings), each the measurement behind one default."""
 
     def rows() -> list[Row]:
         files, model = sst2_files(), minilm()
@@ -166,6 +171,11 @@ def sst2_scenario(
             command = [*train[: train.index("--output-dir")], "--precision", other_precision, "--output-dir", str(alt),
                        "--overwrite"]  # fmt: skip
             other = [Row(f"ftctl --precision {other_precision}", "reference", command, ftctl_reader(alt, "accuracy"))]
+        for i, (label, options, env) in enumerate(references):
+            alt = PERF / f"sst2-{method}-reference-{i}"
+            command = [*(["env", *env] if env else []), *train[: train.index("--output-dir")], *options,
+                       "--output-dir", str(alt), "--overwrite"]  # fmt: skip
+            other.append(Row(label, "reference", command, ftctl_reader(alt, "accuracy")))
         return [
             Row("ftctl (defaults)", "ftctl", train, ftctl_reader(out, "accuracy")),
             *other,
@@ -281,10 +291,18 @@ def sft_rows() -> list[Row]:
     ]  # fmt: skip
     packed, padded = PERF / "sft-packed", PERF / "sft-padded"
     return [
-        Row("ftctl --packing", "ftctl", [*cmd, "--packing", "--output-dir", str(packed)],
-            ftctl_reader(packed, "perplexity", split="metrics")),
-        Row("ftctl without packing (dynamic padding, length groups)", "reference",
-            [*cmd, "--output-dir", str(padded)], ftctl_reader(padded, "perplexity", split="metrics")),
+        Row(
+            "ftctl --packing",
+            "ftctl",
+            [*cmd, "--packing", "--output-dir", str(packed)],
+            ftctl_reader(packed, "perplexity", split="metrics"),
+        ),
+        Row(
+            "ftctl without packing (dynamic padding, length groups)",
+            "reference",
+            [*cmd, "--output-dir", str(padded)],
+            ftctl_reader(padded, "perplexity", split="metrics"),
+        ),
         *plain_rows(plain, "sft", "eval_loss", 512, 10),
     ]
 
@@ -293,7 +311,10 @@ SCENARIOS = {
     s.name: s
     for s in [
         Scenario("sst2_lora", "MiniLM, SST-2: 2,000 sentences, 2 epochs, LoRA; scored on dev.tsv (872)",
-                 sst2_scenario("lora", 2, 20, other_precision="fp32"), "accuracy", target=(1.3, "baseline_b"),
+                 sst2_scenario("lora", 2, 20, other_precision="fp32", references=(
+                     ("ftctl --lora-dropout 0.1 (the baseline's)", ["--lora-dropout", "0.1"], []),
+                     ("ftctl with torch's dropout (FTCTL_CPU_DROPOUT=0)", [], ["FTCTL_CPU_DROPOUT=0"]),
+                 )), "accuracy", target=(1.3, "baseline_b"),
                  repeats=3),
         Scenario("sst2_full", "MiniLM, SST-2: 2,000 sentences, 1 epoch, full fine-tuning; scored on dev.tsv",
                  sst2_scenario("full", 1, 10, other_precision="bf16"), "accuracy"),
@@ -352,8 +373,7 @@ def markdown(scenarios: list[Scenario], started: float) -> str:
     lines = [
         "# Performance: ftctl vs the plain transformers/peft way, same machine, same invocation",
         "",
-        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; "
-        + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- `python -m bench.run --scenarios {' '.join(s.name for s in scenarios)}` "
         f"({(time.time() - started) / 60:.1f} minutes)",
         "- (a) Trainer, every example padded to a fixed length (timed over a few steps: throughput only); (b) Trainer "

@@ -32,6 +32,8 @@ class Setup:
     encoded: dict[str, Any]
     model: Any
     resume_checkpoint: str | None
+    frozen_in_autocast_dtype: int = 0  # frozen linear parameters stored in the autocast dtype (methods.base)
+    cpu_dropouts: int = 0  # dropout modules swapped for launch.dropout.CpuDropout
 
 
 def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
@@ -77,9 +79,41 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
 
     ctx.facts.update(train_examples=len(encoded["train"]), total_steps=engine.total_steps(args, len(encoded["train"])))
     set_seed(cfg.seed)
-    model = method.apply(task.build_model(model_ref, tokenizer, {**load_kwargs(cfg), **method.load_kwargs(ctx)}),
-                         task, ctx)
-    return Setup(run, model_ref, model_config, family, args, tokenizer, splits, encoded, model, resume_checkpoint)
+    model = method.apply(
+        task.build_model(model_ref, tokenizer, {**load_kwargs(cfg), **method.load_kwargs(ctx)}), task, ctx
+    )
+    return Setup(
+        run,
+        model_ref,
+        model_config,
+        family,
+        args,
+        tokenizer,
+        splits,
+        encoded,
+        model,
+        resume_checkpoint,
+        **speed_ups(model, args, cfg, method),
+    )
+
+
+def speed_ups(model: Any, args: Any, cfg: Any, method: Any) -> dict[str, int]:
+    """Changes to the model that make training faster and change no result: the frozen linear layers stored in
+    the autocast dtype (methods.base.frozen_linears_to), and on the CPU the dropout that draws 16 random bits per
+    element (launch.dropout; FTCTL_CPU_DROPOUT=0 keeps torch's). Measured in bench/results/cpu_kernels.md."""
+    import os
+
+    import torch
+
+    from launch.dropout import use_cpu_dropout
+    from methods.base import frozen_linears_to
+
+    converted = dropouts = 0
+    if (args.bf16 or args.fp16) and not cfg.deepspeed and method.frozen_weights_in_autocast_dtype:
+        converted = frozen_linears_to(model, torch.bfloat16 if args.bf16 else torch.float16)
+    if (args.use_cpu or not torch.cuda.is_available()) and os.environ.get("FTCTL_CPU_DROPOUT", "1") != "0":
+        dropouts = use_cpu_dropout(model)
+    return {"frozen_in_autocast_dtype": converted, "cpu_dropouts": dropouts}
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m launch.train") -> dict[str, Any]:
@@ -368,6 +402,8 @@ def _record(
         "device": device_info(),
         "launch": launch_facts(s.args),
         "precision": "bf16" if s.args.bf16 else "fp16" if s.args.fp16 else "fp32",
+        "frozen_params_in_autocast_dtype": s.frozen_in_autocast_dtype,
+        "cpu_dropout_modules": s.cpu_dropouts,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,

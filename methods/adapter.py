@@ -43,6 +43,7 @@ class Adapter(Method):
     trains = "bottleneck adapters + head"
     Options = AdapterOptions
     is_peft = True  # saves an adapter directory to load onto the base model
+    frozen_weights_in_autocast_dtype = True
     merge_refusal = "bottleneck adapters are non-linear and cannot be folded into the weights; evaluate the run as is"
     # SST-2 with MiniLM (2,000 sentences, 5 epochs, all of dev.tsv): 1e-3 fitted the training phrases and reached
     # 0.764 on the dev sentences, 3e-4 reached 0.827, 1e-4 0.795; regression heads diverge at 1e-3 (measured for LoRA

@@ -53,6 +53,9 @@ class Method:
     refusals: ClassVar[tuple[Refusal, ...]] = ()  # combinations it cannot run: its row of methods/matrix.py
     mergeable: ClassVar[bool] = False  # `ftctl merge` can fold the trained result into the base weights
     merge_refusal: ClassVar[str] = "its run directory already holds a full model; load it with transformers"
+    # Whether the frozen linear layers may be stored in the autocast dtype for training (see `frozen_linears_to`):
+    # true where the frozen weights only ever feed autocast matrix products and are never saved
+    frozen_weights_in_autocast_dtype: ClassVar[bool] = False
 
     def __init__(self, opts: Any, variant: str, settings: dict[str, Any]):
         self.opts = opts
@@ -107,6 +110,7 @@ class PeftMethod(Method):
     `get_peft_model`, saved by the Trainer as an adapter, loaded back with `PeftModel.from_pretrained`."""
 
     is_peft = True
+    frozen_weights_in_autocast_dtype = True
 
     def wrap(self, model: torch.nn.Module, config: Any, ctx: Context) -> Any:
         from peft import get_peft_model
@@ -171,6 +175,30 @@ def freeze_all_but(model: torch.nn.Module, module_names: list[str]) -> None:
     for name in module_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+
+
+def frozen_linears_to(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen fp32 linear layers (`nn.Linear`, GPT-2's `Conv1D`) in `dtype`; returns the number of
+    parameters converted. Under autocast to `dtype` this changes no result, since autocast casts those weights
+    to `dtype` for every product anyway (and does not cache casts of frozen weights between steps): the
+    conversion is done once instead of at every forward pass, and the frozen weights take half the memory.
+    Parameters shared with another module (an LM head tied to the input embeddings) are left alone."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    converted = 0
+    for module in model.modules():
+        if type(module) not in (torch.nn.Linear, Conv1D):
+            continue
+        params = list(module.parameters(recurse=False))
+        if not params or any(p.requires_grad or p.dtype != torch.float32 or uses[id(p)] > 1 for p in params):
+            continue
+        module.to(dtype)
+        converted += sum(p.numel() for p in params)
+    return converted
 
 
 def trained_modules(model: torch.nn.Module) -> list[str]:
