@@ -146,7 +146,7 @@ def lora_steps() -> list[dict]:
         ("stock: fp32 weights under autocast, torch dropout, LoRA dropout 0.1", 0.1, False, False),
         ("+ frozen linear weights stored in bf16", 0.1, True, False),
         ("+ ftctl CpuDropout", 0.1, True, True),
-        ("+ no LoRA dropout (ftctl's classification default)", 0.0, True, True),
+        ("+ no LoRA dropout (--lora-dropout 0)", 0.0, True, True),
     ]
     out = []
     for label, lora_dropout, frozen, cpu_dropout in settings:
