@@ -361,7 +361,9 @@ class FtctlTrainer(Trainer):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         kwargs = {"use_cache": True, "synced_gpus": is_deepspeed_zero3_enabled(), **self.task.generation_kwargs()}
-        with torch.no_grad():
+        # generate() does not go through the forward accelerate wrapped in autocast; enter it here, in the training
+        # precision (frozen weights may be stored in bf16: methods.base.frozen_linears_to)
+        with torch.no_grad(), self.accelerator.autocast():
             generated = self.model.generate(**prompt, **kwargs)
         # keep the new tokens only: drop the prompt (decoders) or the decoder start token (encoder-decoders)
         generated = generated[:, 1:] if encoder_decoder else generated[:, prompt["input_ids"].shape[1] :]

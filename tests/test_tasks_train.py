@@ -158,3 +158,13 @@ def test_generation_settings_reach_generate(models, files, tmp_path):
     )  # fmt: skip
     config = json.loads((run_dir / "run.json").read_text())["config"]
     assert config["num_beams"] == 2 and config["no_repeat_ngram_size"] == 2
+
+
+@pytest.mark.parametrize("preset,family,source", [("wmt16_en_ro", "t5", "translation"), ("xsum", "gpt2", "summarization")])
+def test_bf16_lora_generates_with_frozen_weights_in_bf16(models, files, tmp_path, preset, family, source):
+    """Generation runs outside the forward accelerate wraps in autocast: with LoRA's frozen weights stored in bf16
+    it must still run in the training precision (a dtype mismatch once)."""
+    run_dir, _ = train_task(models, tmp_path, preset, family, files[source], ["--precision", "bf16", "--epochs", "1"])
+    record = run_json(run_dir)
+    assert record["precision"] == "bf16" and record["frozen_params_in_autocast_dtype"] > 0
+    assert {"bleu", "rougeL"} & set(record["metrics"])
