@@ -160,7 +160,10 @@ def test_generation_settings_reach_generate(models, files, tmp_path):
     assert config["num_beams"] == 2 and config["no_repeat_ngram_size"] == 2
 
 
-@pytest.mark.parametrize("preset,family,source", [("wmt16_en_ro", "t5", "translation"), ("xsum", "gpt2", "summarization")])
+BF16_GENERATION = [("wmt16_en_ro", "t5", "translation"), ("xsum", "gpt2", "summarization")]
+
+
+@pytest.mark.parametrize("preset,family,source", BF16_GENERATION)
 def test_bf16_lora_generates_with_frozen_weights_in_bf16(models, files, tmp_path, preset, family, source):
     """Generation runs outside the forward accelerate wraps in autocast: with LoRA's frozen weights stored in bf16
     it must still run in the training precision (a dtype mismatch once)."""
