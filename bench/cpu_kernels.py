@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 from bench.common import machine, save, versions
+
+ROUNDS = 12  # of 10 steps per setting
 
 
 def timed(fn, repeats: int = 30) -> float:
@@ -91,8 +94,8 @@ def main() -> None:
         "## A MiniLM LoRA training step, bf16 autocast, and what ftctl changes in it",
         "",
         "all-MiniLM-L6-v2 for sequence classification, LoRA r=8 on query/value, AdamW; batch 16 x 24 tokens (an SST-2 "
-        "batch); forward, backward and optimizer step; median of 50 steps after 10 warm-up steps, best of two "
-        "builds. Each row adds one change to the row above it.",
+        "batch); forward, backward and optimizer step; median of 120 steps per setting, run in interleaved rounds of "
+        "10 after 10 warm-up steps. Each row adds one change to the row above it.",
         "",
         "| step | ms per step | speed vs stock |",
         "|---|---:|---:|",
@@ -118,7 +121,7 @@ def lora_steps() -> list[dict]:
 
     quiet_transformers()
 
-    def step_ms(lora_dropout: float, frozen_bf16: bool, cpu_dropout: bool) -> float:
+    def build(lora_dropout: float, frozen_bf16: bool, cpu_dropout: bool) -> Any:
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(embedded_model_dir(), num_labels=2)
         lora = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=lora_dropout,
@@ -129,10 +132,14 @@ def lora_steps() -> list[dict]:
         if cpu_dropout:
             use_cpu_dropout(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ids = torch.randint(1000, 20000, (16, 24))
-        labels = torch.randint(0, 2, (16,))
+        return model, optimizer
+
+    ids = torch.randint(1000, 20000, (16, 24))
+    labels = torch.randint(0, 2, (16,))
+
+    def steps(model: Any, optimizer: Any, n: int) -> list[float]:
         times = []
-        for _ in range(60):
+        for _ in range(n):
             started = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
@@ -140,7 +147,7 @@ def lora_steps() -> list[dict]:
             optimizer.step()
             optimizer.zero_grad()
             times.append(time.perf_counter() - started)
-        return statistics.median(times[10:]) * 1e3
+        return times
 
     settings = [
         ("stock: fp32 weights under autocast, torch dropout, LoRA dropout 0.1", 0.1, False, False),
@@ -148,11 +155,20 @@ def lora_steps() -> list[dict]:
         ("+ ftctl CpuDropout", 0.1, True, True),
         ("+ no LoRA dropout (--lora-dropout 0)", 0.0, True, True),
     ]
-    out = []
-    for label, lora_dropout, frozen, cpu_dropout in settings:
-        ms = min(step_ms(lora_dropout, frozen, cpu_dropout) for _ in range(2))
-        out.append({"label": label, "ms": ms})
-        print(out[-1], flush=True)
+    built = [build(*setting[1:]) for setting in settings]
+    for model, optimizer in built:
+        steps(model, optimizer, 10)  # warm-up
+    # interleaved rounds, so that a drift of the machine's speed falls on every setting alike
+    times: list[list[float]] = [[] for _ in settings]
+    for _ in range(ROUNDS):
+        for i, (model, optimizer) in enumerate(built):
+            times[i] += steps(model, optimizer, 10)
+    out = [
+        {"label": setting[0], "ms": statistics.median(t) * 1e3, "steps": len(t)}
+        for setting, t in zip(settings, times, strict=True)
+    ]
+    for row in out:
+        print(row, flush=True)
     return out
 
 
