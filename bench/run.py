@@ -12,6 +12,11 @@ scenario says otherwise) and, in the same invocation, the baselines of issue 7:
   (throughput only, no metric);
 - (b) the best plain-library way: Trainer with dynamic padding and `group_by_length`, the whole job, scored.
 
+On a CUDA machine the default is the GPU scenarios instead: Llama-3-8B- and 1B-shaped models with random weights,
+bf16, sequences of 2,048 tokens, micro-batch 1, gradient checkpointing, LoRA / QLoRA / full (1B), with tokens/s,
+MFU (6 x parameters x tokens/s over the bf16 matmul rate measured on the device) and peak memory against (b);
+`--gpu-shape tiny` runs the same commands on a tiny shape, a check that works on a CPU.
+
 Both are `bench/baselines/plain_trainer.py`, which uses no ftctl code. Results: bench/results/perf_cpu.{md,json}
 (perf_gpu on a CUDA machine) and a dated entry in bench/RESULTS.md, with the machine, library versions, every
 command, and per row samples/s, real (non-pad) tokens/s, the padding fraction computed, peak memory, wall time, the
@@ -307,6 +312,160 @@ def sft_rows() -> list[Row]:
     ]
 
 
+# ---- GPU scenarios: Llama-3-shaped models with random weights, bf16, sequences of 2,048 tokens ---------------------
+# shape -> LlamaConfig fields (Llama-3.1-8B and Llama-3.2-1B; "tiny" runs the same commands on a CPU, as a check)
+GPU_SHAPES: dict[str, dict[str, Any]] = {
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 2000, "tie_word_embeddings": False},
+}  # fmt: skip
+GPU_SEQUENCE = 2048
+GPU_STEPS = 20  # optimizer steps per row, micro-batch 1, after which the rows stop (throughput runs)
+SHAPE_OVERRIDE: str | None = None  # --gpu-shape: run the GPU scenarios' commands on another shape
+
+
+def gpu_model(shape: str) -> tuple[Path, int]:
+    """A random-weight Llama of `shape` saved in bf16 with a small byte-level BPE tokenizer (token ids stay below
+    the model's vocabulary); returns its directory and parameter count. Built once per shape."""
+    import torch
+    import transformers as t
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = PERF / "gpu-models" / shape
+    facts = folder / "params.json"
+    if facts.is_file():
+        return folder, json.loads(facts.read_text())["params"]
+    words = gpu_words()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(words[i : i + 50]) for i in range(0, len(words), 50)],
+                            trainers.BpeTrainer(vocab_size=1000, special_tokens=["<s>", "</s>", "<unk>"]))  # fmt: skip
+    tokenizer = t.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = t.LlamaConfig(**GPU_SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = t.LlamaForCausalLM(config).to(torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    facts.write_text(json.dumps({"params": params}))
+    return folder, params
+
+
+def gpu_words() -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ren", "tas", "vu", "sol", "ne", "dri", "pa", "gor", "el", "ith", "um"]
+    return ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(20000)]
+
+
+def gpu_data(examples: int) -> Path:
+    """Alpaca-format examples longer than the sequence: every row fills all 2,048 positions, so no padding and
+    equal work per step for ftctl and the baselines."""
+    path = PERF / "data" / f"gpu_sft_{examples}_v2.json"
+    if not path.is_file():
+        import random
+
+        rng, words = random.Random(1), gpu_words()
+        # ftctl keeps at most half the sequence for the response of a decoder and gives the prompt the rest; the
+        # plain script fills the sequence with prompt then response: a long input and a longer response fill both
+        rows = [{"instruction": "Continue the text.", "input": " ".join(rng.choices(words, k=1500)),
+                 "output": " ".join(rng.choices(words, k=3000))} for _ in range(examples)]  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows))
+    return path
+
+
+def peak_bf16_flops() -> float:
+    """The device's measured bf16 matrix-multiply rate (FLOP/s): the MFU denominator."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - started) / 10)
+    return 2 * n**3 / best
+
+
+def gpu_scenario(shape: str, method: str) -> Callable[[], list[Row]]:
+    """ftctl and the plain Trainer (b) on the same random-weight model and data: bf16, micro-batch 1, sequence 2,048,
+    gradient checkpointing, LoRA on q_proj/v_proj r=8 (both sides), GPU_STEPS steps. (a) is not run: every
+    sequence is already full length, so fixed-length padding changes nothing here."""
+
+    def rows() -> list[Row]:
+        model_dir, params = gpu_model(SHAPE_OVERRIDE or shape)
+        flops = peak_bf16_flops()
+        examples = GPU_STEPS + 2
+        data = gpu_data(examples)
+        out = PERF / f"gpu-{shape}-{method}"
+        lora = ["--target-modules", "q_proj", "v_proj", "--lora-r", "8", "--lora-alpha", "16"]
+        lora = lora if method != "full" else []
+        train = [
+            ftctl(), "train", "--task", "alpaca", "--method", method, "--model", str(model_dir), "--train-file",
+            str(data), "--max-length", str(GPU_SEQUENCE), "--max-target-length", str(GPU_SEQUENCE), "--batch-size", "1",
+            "--max-steps", str(GPU_STEPS),
+            "--gradient-checkpointing", "--precision", "bf16", "--eval-strategy", "no", "--save-strategy", "no",
+            "--num-samples", "0", "--report-to", "none", "--output-dir", str(out), "--overwrite", *lora,
+        ]  # fmt: skip
+        plain = [
+            PY, "-m", "bench.baselines.plain_trainer", "--job", "sft", "--method", method, "--model", str(model_dir),
+            "--train", str(data), "--samples", str(GPU_STEPS), "--dev-samples", "2", "--max-steps", str(GPU_STEPS),
+            "--batch-size", "1", "--max-length", str(GPU_SEQUENCE), "--bf16", "--gradient-checkpointing",
+            "--group-by-length", "--lr", "1e-4", "--output-dir", str(out) + "-plain-b",
+        ]  # fmt: skip
+
+        def with_mfu(read: Callable[[Path, float], dict[str, Any]]) -> Callable[[Path, float], dict[str, Any]]:
+            def wrapped(log: Path, wall: float) -> dict[str, Any]:
+                measured = read(log, wall)
+                tokens = measured.get("real_tokens_per_second") or 0
+                measured.update(mfu=6 * params * tokens / flops, params=params, peak_flops=flops)
+                return measured
+
+            return wrapped
+
+        return [
+            Row("ftctl", "ftctl", train, with_mfu(ftctl_reader(out, "perplexity", split="metrics"))),
+            Row("plain (b): Trainer, dynamic padding + group_by_length", "baseline_b", plain,
+                with_mfu(baseline_reader("eval_loss"))),
+        ]  # fmt: skip
+
+    return rows
+
+
+GPU_SCENARIOS = [
+    Scenario("gpu_8b_lora", "Llama-3-8B shape (random weights), bf16, seq 2,048, micro-batch 1, gradient "
+             "checkpointing, LoRA q/v r=8", gpu_scenario("8b", "lora"), "perplexity / eval loss",
+             speed="real_tokens_per_second", target=(1.3, "baseline_b")),
+    Scenario("gpu_8b_qlora", "Llama-3-8B shape, QLoRA 4-bit NF4 + double quant, otherwise as gpu_8b_lora",
+             gpu_scenario("8b", "qlora"), "perplexity / eval loss", speed="real_tokens_per_second"),
+    Scenario("gpu_1b_lora", "Llama-3.2-1B shape, as gpu_8b_lora", gpu_scenario("1b", "lora"),
+             "perplexity / eval loss", speed="real_tokens_per_second"),
+    Scenario("gpu_1b_qlora", "Llama-3.2-1B shape, QLoRA", gpu_scenario("1b", "qlora"), "perplexity / eval loss",
+             speed="real_tokens_per_second"),
+    Scenario("gpu_1b_full", "Llama-3.2-1B shape, full fine-tuning", gpu_scenario("1b", "full"),
+             "perplexity / eval loss", speed="real_tokens_per_second"),
+]  # fmt: skip
+CPU_SCENARIOS = ("sst2_lora", "sst2_full", "sst2_qlora", "ner_lora", "t5_generation", "sft_packing")
+
+
 SCENARIOS = {
     s.name: s
     for s in [
@@ -327,6 +486,7 @@ SCENARIOS = {
                  speed="examples_per_second", target=(5.0, "baseline_b")),
         Scenario("sft_packing", "tiny Llama (random weights), Alpaca instruction tuning: 800 examples, 1 epoch, full",
                  sft_rows, "perplexity / eval loss", speed="real_tokens_per_second"),
+        *GPU_SCENARIOS,
     ]
 }  # fmt: skip
 
@@ -384,7 +544,31 @@ def markdown(scenarios: list[Scenario], started: float) -> str:
     ]
     for s in scenarios:
         lines += [f"## {s.name}: {s.description}", ""]
-        if s.speed == "examples_per_second":
+        if s.name.startswith("gpu_"):
+            lines += ["| row | real tokens/s | MFU | peak MB | train s | process wall s | vs (b) tokens/s | "
+                      "peak memory vs (b) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            base = next((r for r in s.results if r["kind"] == "baseline_b"), {})
+            for r in s.results:
+                memory = (r.get("peak_memory_mb") or 0) / base["peak_memory_mb"] if base.get("peak_memory_mb") else None
+                lines.append(
+                    f"| {r['label']} | {fmt(r.get('real_tokens_per_second'), 0)} | {fmt(100 * r.get('mfu', 0), 1)}% | "
+                    f"{fmt(r.get('peak_memory_mb'), 0)} | {fmt(r.get('train_runtime_s'), 0)} | "
+                    f"{fmt(r['process_wall_s'], 0)} | {fmt(r.get('ratio_vs_baseline_b'), 2)} | "
+                    f"{'-' if r is base or memory is None else fmt(memory, 2)} |"
+                )
+            first = s.results[0] if s.results else {}
+            lines += [
+                "",
+                f"MFU = 6 x {fmt(first.get('params'), 0)} parameters x real tokens/s / "
+                f"{fmt((first.get('peak_flops') or 0) / 1e12, 1)} TFLOP/s (bf16 matmul measured on this device); "
+                "LoRA and QLoRA skip the weight gradients of the frozen base, so their MFU is bounded near 4/6.",
+            ]
+            if s.name == "gpu_8b_qlora":
+                mine = next((r for r in s.results if r["kind"] == "ftctl"), {})
+                gib = (mine.get("peak_memory_mb") or 0) / 1024
+                lines += ["", f"Target: QLoRA 8B peak memory <= 10 GiB: {gib:.2f} GiB, "
+                          f"{'met' if mine and gib <= 10 else 'NOT met'}."]  # fmt: skip
+        elif s.speed == "examples_per_second":
             lines += ["| row | examples/s | eval s | process wall s | ROUGE-L | ratio vs one-at-a-time |",
                       "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
             for r in s.results:
@@ -428,7 +612,19 @@ def markdown(scenarios: list[Scenario], started: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=list(SCENARIOS),
+        default=None,
+        help="default: the GPU scenarios on a CUDA machine, else the CPU ones",
+    )
+    parser.add_argument(
+        "--gpu-shape",
+        choices=list(GPU_SHAPES),
+        default=None,
+        help="run the GPU scenarios' commands on this model shape (tiny: a check on the CPU)",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--name", default=None, help="result file name (default: perf_cpu / perf_gpu)")
     args = parser.parse_args()
@@ -438,13 +634,18 @@ def main() -> None:
         return
     import torch
 
+    global SHAPE_OVERRIDE
+    SHAPE_OVERRIDE = args.gpu_shape
     started = time.time()
-    chosen = [SCENARIOS[n] for n in args.scenarios]
+    names = args.scenarios or ([s.name for s in GPU_SCENARIOS] if torch.cuda.is_available() else list(CPU_SCENARIOS))
+    chosen = [SCENARIOS[n] for n in names]
     for scenario in chosen:
         run_scenario(scenario)
         ratios(scenario)
     text = markdown(chosen, started)
     name = args.name or ("perf_gpu" if torch.cuda.is_available() else "perf_cpu")
+    if args.gpu_shape == "tiny":
+        name = args.name or "perf_gpu_check"
     payload = {"machine": machine(), "versions": versions(), "scenarios": {s.name: s.results for s in chosen}}
     save(name, payload, text)
     print(text)

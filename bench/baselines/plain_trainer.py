@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--pad-to", type=int, default=None)
     parser.add_argument("--group-by-length", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer's bf16=True)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--targets", nargs="+", default=None, help="LoRA target modules (default: attention q/v)")
     parser.add_argument("--output-dir", required=True)
     args = parser.parse_args()
 
@@ -126,6 +129,7 @@ def main() -> None:
     max_length = args.pad_to or args.max_length
 
     if args.job == "sst2":
+
         def dataset(path: str, limit: int | None) -> datasets.Dataset:
             raw = read_sst2(path, limit)
             enc = tokenizer(raw["text"], truncation=True, max_length=max_length, **padding)
@@ -156,6 +160,7 @@ def main() -> None:
         collator = DataCollatorForTokenClassification(tokenizer)
         task_type = "TOKEN_CLS"
     else:
+
         def dataset(rows: list[dict]) -> datasets.Dataset:
             out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
             for r in rows:
@@ -186,9 +191,11 @@ def main() -> None:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if args.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing and args.method == "lora":
+        model.enable_input_require_grads()
     if args.method in ("lora", "qlora"):
-        targets = {"gpt2": ["c_attn"], "t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}.get(
+        targets = args.targets or {"gpt2": ["c_attn"], "t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}.get(
             model.config.model_type, ["query", "value"]
         )
         model = get_peft_model(
@@ -208,6 +215,9 @@ def main() -> None:
         disable_tqdm=True,
         seed=42,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 on a CPU needs it said
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=counting)
     result = trainer.train()
@@ -241,7 +251,9 @@ def main() -> None:
                 "padding_fraction": 1 - train_real / train_slots if train_slots else None,
                 "train_runtime_s": seconds,
                 "train_samples": int(round(result.metrics["train_samples_per_second"] * seconds)),
-                "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20
+                if torch.cuda.is_available()
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "wall_time_s": time.time() - started,
                 "metrics": metric,
             }
