@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 import time
@@ -149,12 +150,11 @@ def sst2_scenario(
     method: str,
     epochs: int,
     a_steps: int,
-    other_precision: str | None = None,
     references: tuple[tuple[str, list[str], list[str]], ...] = (),
 ) -> Callable[[], list[Row]]:
-    """ftctl with its defaults, the two plain baselines, and optionally ftctl at another precision than its auto
-    choice (the measurement behind that choice) and other reference rows: (label, extra ftctl options,
-    environment settings), each the measurement behind one default."""
+    """ftctl with its defaults, the two plain baselines, and reference rows: (label, extra ftctl options,
+    environment settings), each the measurement behind one default (e.g. ftctl at another precision than its auto
+    choice)."""
 
     def rows() -> list[Row]:
         files, model = sst2_files(), minilm()
@@ -171,11 +171,6 @@ def sst2_scenario(
             "--lr", "5e-5" if method == "full" else "5e-4",
         ]  # fmt: skip
         other = []
-        if other_precision:
-            alt = PERF / f"sst2-{method}-{other_precision}"
-            command = [*train[: train.index("--output-dir")], "--precision", other_precision, "--output-dir", str(alt),
-                       "--overwrite"]  # fmt: skip
-            other = [Row(f"ftctl --precision {other_precision}", "reference", command, ftctl_reader(alt, "accuracy"))]
         for i, (label, options, env) in enumerate(references):
             alt = PERF / f"sst2-{method}-reference-{i}"
             command = [*(["env", *env] if env else []), *train[: train.index("--output-dir")], *options,
@@ -384,6 +379,7 @@ def gpu_data(examples: int) -> Path:
     return path
 
 
+@functools.cache
 def peak_bf16_flops() -> float:
     """The device's measured bf16 matrix-multiply rate (FLOP/s): the MFU denominator."""
     import torch
@@ -470,13 +466,15 @@ SCENARIOS = {
     s.name: s
     for s in [
         Scenario("sst2_lora", "MiniLM, SST-2: 2,000 sentences, 2 epochs, LoRA; scored on dev.tsv (872)",
-                 sst2_scenario("lora", 2, 20, other_precision="fp32", references=(
+                 sst2_scenario("lora", 2, 20, references=(
+                     ("ftctl --precision fp32", ["--precision", "fp32"], []),
                      ("ftctl --lora-dropout 0 (PEFT's default)", ["--lora-dropout", "0"], []),
                      ("ftctl with torch's dropout (FTCTL_CPU_DROPOUT=0)", [], ["FTCTL_CPU_DROPOUT=0"]),
                  )), "accuracy", target=(1.3, "baseline_b"),
                  repeats=3),
         Scenario("sst2_full", "MiniLM, SST-2: 2,000 sentences, 1 epoch, full fine-tuning; scored on dev.tsv",
-                 sst2_scenario("full", 1, 10, other_precision="bf16"), "accuracy"),
+                 sst2_scenario("full", 1, 10, references=(("ftctl --precision bf16", ["--precision", "bf16"], []),)),
+                 "accuracy"),
         Scenario("sst2_qlora", "MiniLM, SST-2: 2,000 sentences, 1 epoch, QLoRA (4-bit NF4); scored on dev.tsv",
                  sst2_scenario("qlora", 1, 5), "accuracy"),
         Scenario("ner_lora", "MiniLM, CoNLL-2003 NER: 1,000 sentences, 1 epoch, LoRA; entity F1 on 500 of eng.testa",

@@ -111,7 +111,7 @@ def speed_ups(model: Any, args: Any, cfg: Any, method: Any) -> dict[str, int]:
     converted = dropouts = 0
     if (args.bf16 or args.fp16) and not cfg.deepspeed and method.frozen_weights_in_autocast_dtype:
         converted = frozen_linears_to(model, torch.bfloat16 if args.bf16 else torch.float16)
-    if (args.use_cpu or not torch.cuda.is_available()) and os.environ.get("FTCTL_CPU_DROPOUT", "1") != "0":
+    if args.use_cpu and os.environ.get("FTCTL_CPU_DROPOUT", "1") != "0":  # use_cpu: no CUDA (engine)
         dropouts = use_cpu_dropout(model)
     return {"frozen_in_autocast_dtype": converted, "cpu_dropouts": dropouts}
 

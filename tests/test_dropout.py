@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import tiny
 import torch
 
 from launch.dropout import CpuDropout, use_cpu_dropout
@@ -61,15 +62,7 @@ def test_eval_zero_one_dtype_and_seed():
 def test_swapped_into_a_model_without_changing_its_weights():
     import transformers as t
 
-    config = t.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    model = t.BertForSequenceClassification(config)
+    model = t.BertForSequenceClassification(tiny.bert_config(50))
     stock = sum(type(m) is torch.nn.Dropout for m in model.modules())
     keys = list(model.state_dict())
     assert stock > 0 and use_cpu_dropout(model) == stock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 from conftest import assert_loss_fell, run_json
 
@@ -57,16 +58,7 @@ def _lora_bert(dropout: float):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    config = t.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    model = t.BertForSequenceClassification(config)
+    model = t.BertForSequenceClassification(tiny.bert_config(100, num_labels=2))
     lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["query", "value"])
     model = get_peft_model(model, lora)
     for name, p in model.named_parameters():  # LoRA's B starts at zero; give the update a value to compare

@@ -118,6 +118,21 @@ def build_tokenizer(family: str):
     raise ValueError(family)
 
 
+def bert_config(vocab: int, **extra):
+    """The tiny BERT shape of the suite: 2 layers of width 32, 2 heads."""
+    import transformers as t
+
+    return t.BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **extra,
+    )
+
+
 def build_model(family: str, tokenizer):
     import torch
     import transformers as t
@@ -125,17 +140,7 @@ def build_model(family: str, tokenizer):
     torch.manual_seed(0)
     vocab = len(tokenizer)
     if family == "bert":
-        config = t.BertConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id,
-            initializer_range=0.2,
-        )
-        return t.BertForMaskedLM(config)
+        return t.BertForMaskedLM(bert_config(vocab, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2))
     if family == "gpt2":
         config = t.GPT2Config(
             vocab_size=vocab,
