@@ -2,6 +2,8 @@
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo-sst2-lora
+# the run layer: everything in launch/ but the study layer and the CLI (pyproject.toml, import-linter contract)
+RUN_LAYER := $(filter-out launch/cli.py,$(wildcard launch/*.py))
 
 .PHONY: setup demo test test-slow test-all lint bench clean
 
@@ -24,8 +26,11 @@ test-slow: setup
 test-all: setup
 	$(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
 
+# ruff; the layer contract (import-linter, pyproject.toml); the type checker over the kernel and the run layer
 lint: setup
-	$(BIN)/ruff check launch tasks methods tests bench
+	$(BIN)/ruff check ftctl launch tasks methods tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy ftctl $(RUN_LAYER)
 
 bench: setup
 	$(BIN)/python -m bench.run

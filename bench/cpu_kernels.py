@@ -114,8 +114,8 @@ def lora_steps() -> list[dict]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
+    from ftctl.models import embedded_model_dir
     from launch.dropout import use_cpu_dropout
-    from launch.models import embedded_model_dir
     from launch.quiet import quiet_transformers
     from methods.base import frozen_linears_to
 

@@ -129,7 +129,7 @@ def sst2_files() -> dict[str, Path]:
 
 
 def minilm() -> str:
-    from launch.models import embedded_model_dir
+    from ftctl.models import embedded_model_dir
 
     return embedded_model_dir()
 

@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
     train_tsv, dev_tsv = need_data("glue_sst2/train.tsv", "glue_sst2/dev.tsv")
-    from launch.models import embedded_model_dir
+    from ftctl.models import embedded_model_dir
 
     model = embedded_model_dir()
     rows = []

@@ -18,7 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from launch import __version__
+import datasets
+from datasets.fingerprint import Hasher
+
+from ftctl import __version__
 
 
 def cache_root() -> Path:
@@ -34,7 +37,6 @@ def _code_digest(task: Any) -> str:
 
 
 def cache_key(task: Any, raw: Any, tokenizer: Any) -> str:
-    from datasets.fingerprint import Hasher
 
     cfg = task.cfg
     signature = {
@@ -50,7 +52,6 @@ def cache_key(task: Any, raw: Any, tokenizer: Any) -> str:
 
 def encode_cached(task: Any, raw: Any, tokenizer: Any, enabled: bool = True) -> Any:
     """`task.encode(raw, tokenizer)`, from the cache when the same encoding was made before."""
-    import datasets
 
     if not enabled:
         return task.encode(raw, tokenizer)

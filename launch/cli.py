@@ -20,7 +20,7 @@ FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_optio
 
 
 def _forward(main, args: list[str]) -> int:
-    from launch.errors import run_main
+    from ftctl.errors import run_main
 
     try:
         return run_main(main, args)
@@ -103,12 +103,12 @@ def list_(
             table.add_column(column, overflow="fold")
         for name, spec in method_registry.METHODS.items():
             options = " ".join(s.flag for s in spec.option_specs())
-            table.add_row(name, spec.cls.trains, options, spec.cls.description)
+            table.add_row(name, spec.trains, options, spec.description)
         console.print(table)
 
         from methods import matrix
 
-        rows = matrix.table()
+        rows = matrix.table(method_registry.METHODS.items())
         kinds = list(rows[0]["cells"]) if rows else []
         table = Table(
             title="compatibility: architecture families per task kind (x = refused, with the reason, before "
@@ -138,7 +138,7 @@ def list_(
 @app.command(context_settings=FORWARD, add_help_option=False)
 def grid(ctx: typer.Context) -> None:
     """Run a comparison grid from a YAML file; re-run it to resume. All options: [bold]ftctl grid --help[/]."""
-    from launch.grid import main
+    from launch.studies.grid import main
 
     raise typer.Exit(_forward(main, ctx.args))
 
@@ -146,7 +146,7 @@ def grid(ctx: typer.Context) -> None:
 @app.command(context_settings=FORWARD, add_help_option=False)
 def report(ctx: typer.Context) -> None:
     """Compare finished runs or a grid: tables and plots. All options: [bold]ftctl report --help[/]."""
-    from launch.report import main
+    from launch.studies.report import main
 
     raise typer.Exit(_forward(main, ctx.args))
 

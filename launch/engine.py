@@ -4,20 +4,27 @@ method's hooks plugged in. The same code runs on CPU, one GPU, DDP and DeepSpeed
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
-from launch.config import RunConfig
-from launch.errors import FtctlError
-from launch.progress import RichProgress
+from ftctl.config import RunConfig
+from ftctl.errors import FtctlError
+from ftctl.facts import LaunchFacts
+from launch import configs
+from launch.progress import EVENTS_FILE, EventLog, RichProgress
 from launch.reliability import (
     EpochSeededLengthGroupedSampler,
     GracefulStop,
@@ -25,6 +32,7 @@ from launch.reliability import (
     agree,
     write_checkpoint_atomically,
 )
+from tasks.base import SamplesGenerations, Task, TrainsOnOtherBatches
 
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
 GENERATION_PREFIX = "generation_"  # batch keys holding the prompt to generate from (decoders), not model inputs
@@ -71,7 +79,7 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def auto_precision(cfg: RunConfig) -> str:
+def auto_precision(launch: LaunchFacts) -> str:
     """What `--precision auto` means on this machine for this run.
 
     CUDA: bf16 where the GPU supports it. CPU: bf16 autocast on CPUs with native bf16 and without DeepSpeed, measured
@@ -82,14 +90,14 @@ def auto_precision(cfg: RunConfig) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     wanted = os.environ.get("FTCTL_CPU_BF16", "1") != "0"
-    if wanted and not cfg.deepspeed and cpu_has_native_bf16():
+    if wanted and not launch.deepspeed and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
 
 
-def precision_flags(cfg: RunConfig) -> dict[str, bool]:
+def precision_flags(cfg: RunConfig, launch: LaunchFacts) -> dict[str, bool]:
     cuda = torch.cuda.is_available()
-    precision = auto_precision(cfg) if cfg.precision == "auto" else cfg.precision
+    precision = auto_precision(launch) if cfg.precision == "auto" else cfg.precision
     if precision == "fp16" and not cuda:
         raise FtctlError("--precision fp16 needs a CUDA GPU; on CPU use fp32 or bf16")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -99,7 +107,6 @@ def precision_flags(cfg: RunConfig) -> dict[str, bool]:
 
 def use_liger(cfg: RunConfig) -> bool:
     """Liger kernels: asked for (then they must be usable), or by default when installed and on CUDA."""
-    import importlib.util
 
     usable = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
     if cfg.liger_kernel and not usable:
@@ -117,7 +124,7 @@ def best_metric(cfg: RunConfig, task: Any) -> tuple[str, bool]:
     return metric, metric not in LOWER_IS_BETTER
 
 
-def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: LaunchFacts) -> TrainingArguments:
     world = launched_world_size()
     micro, accum = batch_geometry(cfg, world)
     metric, greater = best_metric(cfg, task)
@@ -127,13 +134,13 @@ def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingAr
             f"picking the best checkpoint needs --save-strategy equal to --eval-strategy "
             f"({cfg.save_strategy} vs {cfg.eval_strategy}); or pass --no-load-best-model-at-end"
         )
-    if load_best and cfg.save_strategy == "steps" and cfg.save_steps % cfg.eval_steps:
+    if load_best and cfg.save_strategy == "steps" and (cfg.save_steps or 0) % (cfg.eval_steps or 1):
         raise FtctlError(
             f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} to pick "
             "the best checkpoint"
         )
     others = [r for r in cfg.report_to if r not in ("tensorboard", "none")]
-    settings = dict(
+    settings: dict[str, Any] = dict(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
@@ -147,7 +154,7 @@ def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingAr
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        **precision_flags(cfg),
+        **precision_flags(cfg, launch),
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         eval_strategy=cfg.eval_strategy,
@@ -165,7 +172,6 @@ def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingAr
         report_to=others or "none",
         disable_tqdm=True,
         remove_unused_columns=False,  # our datasets hold exactly the model inputs, labels and `length`
-        label_names=list(task.target_keys),
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         length_column_name="length",
         dataloader_num_workers=cfg.dataloader_workers,
@@ -173,7 +179,7 @@ def training_arguments(cfg: RunConfig, task: Any, output_dir: str) -> TrainingAr
         use_cpu=not torch.cuda.is_available(),  # without it, CPU processes of one launch would each train alone
         torch_compile=cfg.compile,
         use_liger_kernel=use_liger(cfg),
-        deepspeed=deepspeed_config(cfg.deepspeed),
+        deepspeed=configs.deepspeed_config(cfg.deepspeed),
         ddp_timeout=cfg.ddp_timeout,
     )
     try:
@@ -198,50 +204,13 @@ def total_steps(args: TrainingArguments, train_examples: int) -> int:
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
-def deepspeed_config(ref: str | None) -> str | None:
-    """A DeepSpeed config by name (ds_configs/NAME.json) or path, checked to parse."""
-    if not ref:
-        return None
-    import json
-
-    from launch.launcher import DS_CONFIGS
-
-    path = Path(ref)
-    if not path.suffix and not path.exists():
-        path = DS_CONFIGS / f"{ref}.json"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in DS_CONFIGS.glob("*.json")))
-        raise FtctlError(f"DeepSpeed config not found: {ref}; use a JSON path or one of: {names}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FtctlError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
-        raise FtctlError(f"DeepSpeed config {path} must be a JSON object with a zero_optimization object")
-    return str(path.resolve())
-
-
-def deepspeed_stage(args: TrainingArguments) -> int | None:
-    """The ZeRO stage of this run (from --deepspeed or an accelerate DeepSpeed config), None without DeepSpeed."""
-    hf_config = getattr(args, "hf_deepspeed_config", None)
-    if hf_config is not None:
-        return int(hf_config.config.get("zero_optimization", {}).get("stage", 0))
-    state = args.distributed_state
-    if state is not None and str(state.distributed_type).endswith("DEEPSPEED"):
-        from accelerate.state import AcceleratorState
-
-        plugin = AcceleratorState().deepspeed_plugin
-        return int(plugin.zero_stage) if plugin is not None else None
-    return None
-
-
 def check_world(args: TrainingArguments) -> None:
     """Refuse a launch whose processes do not form one group (e.g. `accelerate launch --cpu --num_processes 2`
     starting a single process, or processes that each train alone)."""
     launched = launched_world_size()
     world = args.world_size
     if world > 1 and getattr(args, "hf_deepspeed_config", None) is not None:
-        import deepspeed
+        import deepspeed  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         # ZeRO-3 partitions weights while they load (zero.Init), which asks DeepSpeed's own communicator for the
         # world size; on CPU, accelerate initialised torch.distributed but not that communicator.
@@ -277,9 +246,11 @@ class FtctlTrainer(Trainer):
         self._scored: Any = None
         self._generating = False
         self._tokens = [0, 0]  # (token slots computed, real tokens) in this process's training batches
-        super().__init__(*args, compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce, **kwargs)
+        self.eval_seconds = 0.0  # time spent in evaluations (during training: not training time)
+        kwargs.update(compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce)
+        super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
-        if not task.loss_counts_items:
+        if not task.fit.loss_counts_items:
             # transformers assumes any model whose forward takes **kwargs divides its loss by the number of label
             # items it is given; heads that average per micro-batch (classification, regression, QA, most token
             # classifiers, T5/BART LM losses) then get their loss multiplied by the process count and not divided
@@ -298,10 +269,12 @@ class FtctlTrainer(Trainer):
     def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._scored = eval_dataset if eval_dataset is not None else self.eval_dataset
         self._generating = self.task.generates
+        began = time.time()
         try:
             return super().evaluate(eval_dataset, *args, **kwargs)
         finally:
             self._generating = False
+            self.eval_seconds += time.time() - began
 
     def predict(self, test_dataset: Any, *args: Any, generate: bool | None = None, **kwargs: Any) -> Any:
         """`generate`: predictions are generated token ids (default: when the task generates)."""
@@ -353,18 +326,19 @@ class FtctlTrainer(Trainer):
         has_labels = all(inputs.get(k) is not None for k in self.label_names)
         loss = super().prediction_step(model, inputs, True, ignore_keys)[0] if has_labels else None
         inputs = self._prepare_inputs(inputs)
-        encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        model = self.model
+        assert model is not None
+        encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         if encoder_decoder:
             prompt = {k: inputs[k] for k in ("input_ids", "attention_mask")}
         else:
             prompt = self._prepare_inputs(prompt)
-        from transformers.integrations import is_deepspeed_zero3_enabled
 
         kwargs = {"use_cache": True, "synced_gpus": is_deepspeed_zero3_enabled(), **self.task.generation_kwargs()}
         # generate() does not go through the forward accelerate wrapped in autocast; enter it here, in the training
         # precision (frozen weights may be stored in bf16: methods.base.frozen_linears_to)
         with torch.no_grad(), self.accelerator.autocast():
-            generated = self.model.generate(**prompt, **kwargs)
+            generated = model.generate(**prompt, **kwargs)
         # keep the new tokens only: drop the prompt (decoders) or the decoder start token (encoder-decoders)
         generated = generated[:, 1:] if encoder_decoder else generated[:, prompt["input_ids"].shape[1] :]
         labels = inputs.get(self.label_names[0]) if has_labels else None
@@ -372,10 +346,11 @@ class FtctlTrainer(Trainer):
 
     def create_optimizer(self, model: Any = None) -> Any:
         opt_model = self.model if model is None else model
+        assert opt_model is not None
         if self.optimizer is None:
             groups = self.method.param_groups(opt_model, self.args, set(self.get_decay_parameter_names(opt_model)))
             if groups is not None:
-                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)  # type: ignore[arg-type]
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return super().create_optimizer(model)
 
@@ -395,7 +370,8 @@ class FtctlTrainer(Trainer):
             self._tokens[1] += int(mask.sum()) if mask is not None else ids.numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if agree(not bool(torch.isfinite(loss.detach()).all()), self.args):
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            out = str(self.args.output_dir)
+            last = get_last_checkpoint(out) if os.path.isdir(out) else None
             raise TrainingDiverged(
                 f"the training loss became {loss.item()} at step {self.state.global_step + 1}; training stopped and "
                 f"no later checkpoint was written (last good one: {last or 'none'}). Lower --learning-rate, or use "
@@ -429,7 +405,6 @@ class CopySpec(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            import shutil
 
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
@@ -450,9 +425,8 @@ def build_trainer(
     callbacks: list[Any] = [RichProgress(), GracefulStop(), *method.callbacks()]
     if run_dir is not None:
         callbacks.append(CopySpec(run_dir / "spec.json"))
+        callbacks.append(EventLog(run_dir / EVENTS_FILE))
         if "tensorboard" in cfg.report_to and args.process_index == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            from transformers.integrations import TensorBoardCallback
 
             callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
     if cfg.early_stopping_patience:
@@ -463,7 +437,11 @@ def build_trainer(
         model=model,
         args=args,
         data_collator=DropKeys(task.collator(tokenizer, pad_multiple), dropped),
-        train_collator=DropKeys(task.train_collator(tokenizer, pad_multiple), dropped),
+        train_collator=(
+            DropKeys(task.train_collator(tokenizer, pad_multiple), dropped)
+            if isinstance(task, TrainsOnOtherBatches)
+            else None
+        ),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -491,8 +469,8 @@ def score(trainer: FtctlTrainer, task: Any, encoded: Any) -> tuple[dict[str, Any
         "speed": {k: v for k, v in measured.items() if k in speed_keys},
     }
     predictions = task.example_predictions(unsort(output.predictions, order), encoded)
-    if task.samples:  # a task scored without generating shows what the model writes for its first examples
-        shown = encoded.select(range(min(task.samples, len(encoded))))
+    if isinstance(task, SamplesGenerations) and task.sample_count():  # show what the model writes
+        shown = encoded.select(range(min(task.sample_count(), len(encoded))))
         generated = trainer.predict(shown, metric_key_prefix="sample", generate=True).predictions
         predictions = task.add_samples(predictions, generated)
     return metrics, details, predictions

@@ -7,18 +7,29 @@ run's test split (else validation) or on `--data FILE`, and writes `eval.json` p
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launch.quiet import quiet
+import datasets
+import torch
+from safetensors import safe_open
+from transformers import PreTrainedTokenizerBase, set_seed
+
+from ftctl.errors import FtctlError, run_main
+from ftctl.models import load_kwargs, load_tokenizer, resolve_model
+from ftctl.options import Parser
+from launch import engine, rundir, runs
+from launch.cache import encode_cached
+from launch.console import console, show_metrics
+from launch.quiet import quiet, quiet_transformers
 
 
-def build_parser() -> Any:
-    from launch.options import Parser
-
+def build_parser() -> Parser:
     parser = Parser(prog="ftctl evaluate", description="Score a fine-tuned run directory or one of its checkpoints.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or a checkpoint-N directory inside one)")
     parser.add_argument("--data", metavar="FILE", help="score this file instead of the run's own test/validation data")
@@ -41,11 +52,156 @@ def build_parser() -> Any:
     return parser
 
 
+@dataclass
+class Scored:
+    metrics: dict[str, Any]
+    details: dict[str, Any]
+    predictions: Any
+    seconds: float
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Score a run directory (and, with --baseline, its base model) and write eval.json."""
+    quiet()
+    opts = build_parser().parse_strict(list(sys.argv[1:] if argv is None else argv))
+    weights, spec = locate(opts["run_dir"])
+    output = Path(opts["output"]) if opts["output"] else weights / "eval.json"
+    if output.exists() and output.is_dir():
+        raise FtctlError(f"--output {output} is a directory; give a file path")
+    run = load_run(opts, weights, spec)
+    check_weights(weights, run.method.is_peft)
+    raw, source = evaluation_data(run, opts)
+
+    quiet_transformers()
+    tokenizer = load_tokenizer(str(weights), run.cfg.trust_remote_code)
+    run.task.prepare_tokenizer(tokenizer, run.family)
+    run = dataclasses.replace(run, task=run.task.bind(tokenizer=tokenizer))
+    encoded = encode_cached(run.task, raw, tokenizer, run.cfg.token_cache)
+    model_kwargs = {**load_kwargs(run.cfg), **run.method.load_kwargs(run.context())}
+    with tempfile.TemporaryDirectory(prefix="ftctl-eval-") as scratch:
+        args = engine.training_arguments(run.cfg, run.task, scratch, run.launch)
+        engine.check_world(args)
+        try:
+            model = run.method.load_trained(run.task, str(weights), run.model_ref, tokenizer, model_kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise FtctlError(f"cannot load the fine-tuned model from {weights}: {str(exc).splitlines()[0]}") from None
+        after = score_model(run, args, model, tokenizer, encoded)
+        before = None
+        if opts["baseline"]:
+            set_seed(run.cfg.seed)  # the untrained head starts from the same seeded initialisation as training did
+            before = score_model(
+                run, args, run.task.build_model(run.model_ref, tokenizer, model_kwargs), tokenizer, encoded
+            )
+
+    result = eval_json(opts, run, weights, raw, source, after, before)
+    if args.process_index == 0:
+        write(output, result, run, raw, after, before)
+        show_metrics(
+            f"{run.task.preset_name} / {run.method.variant} on {source}: {len(raw):,} examples",
+            after.metrics,
+            before.metrics if before else None,
+        )
+        console.print(f"wrote {output}")
+    return result
+
+
+def load_run(opts: dict[str, Any], weights: Path, spec: dict[str, Any]) -> runs.Run:
+    """The recorded run, with the options this command overrides; its base model from --model, the adapter config
+    (adapters) or the run record (full models)."""
+    overrides: dict[str, Any] = {
+        # scoring needs no logging, checkpoints or sharded optimizer; the saved result loads without DeepSpeed
+        "report_to": ["none"],
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "early_stopping_patience": None,
+        "save_every": None,
+        "keep_last": None,
+        "deepspeed": None,
+    }
+    if opts["data"]:
+        overrides["max_eval_samples"] = None  # the run's cap was for its own splits; a file given here is scored whole
+    for key in ("text_column", "label_column", "max_eval_samples"):
+        if opts[key] is not None:
+            overrides[key] = opts[key]
+    if opts["batch_size"] is not None:
+        if opts["batch_size"] <= 0:
+            raise FtctlError(f"--batch-size must be greater than 0, got {opts['batch_size']}")
+        overrides["eval_batch_size"] = opts["batch_size"]
+    base = resolve_model(opts["model"]) if opts["model"] else None
+    if base is None and (weights / "adapter_config.json").is_file():
+        adapter = rundir.read_json(weights / "adapter_config.json", "adapter config")
+        base = resolve_model(adapter.get("base_model_name_or_path"))
+    where = str(weights / rundir.RUN_FILE)
+    return runs.from_record(spec["config"], spec["task_state"], where, model=base or spec["model_ref"], **overrides)
+
+
+def evaluation_data(run: runs.Run, opts: dict[str, Any]) -> tuple[datasets.Dataset, str]:
+    """The examples to score and where they come from: --data, else the run's test (or validation) split."""
+    task, cfg = run.task, run.cfg
+    if opts["data"]:
+        raw = task.read_file(opts["data"], "evaluation data")
+        if cfg.max_eval_samples:
+            raw = raw.select(range(min(len(raw), cfg.max_eval_samples)))
+        split, source = "data", opts["data"]
+    else:
+        data = task.load()
+        split = opts["split"] or ("test" if "test" in data.splits else "validation")
+        if split not in data.splits:
+            raise FtctlError(f"the run's data has no {split} split; pass --data FILE")
+        raw, source = data.splits[split], f"{data.source} ({split})"
+    task.check_data({split: raw}, training=False)
+    return raw, source
+
+
+def score_model(
+    run: runs.Run, args: Any, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, encoded: datasets.Dataset
+) -> Scored:
+    trainer = engine.build_trainer(run.cfg, args, run.task, run.method, model, tokenizer, None, None)
+    started = time.time()
+    metrics, details, predictions = engine.score(trainer, run.task, encoded)
+    return Scored(metrics, details, predictions, time.time() - started)
+
+
+def eval_json(
+    opts: dict[str, Any],
+    run: runs.Run,
+    weights: Path,
+    raw: datasets.Dataset,
+    source: str,
+    after: Scored,
+    before: Scored | None,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {**after.metrics, "details": after.details}
+    if before is not None:
+        result["baseline"] = {**before.metrics, "details": before.details}
+    result["info"] = {
+        "run_dir": str(Path(opts["run_dir"]).resolve()),
+        "weights": str(weights.resolve()),
+        "base_model": run.model_ref,
+        "data": source,
+        "examples": len(raw),
+        "runtime_s": after.seconds,
+        "examples_per_second": len(raw) / after.seconds if after.seconds else None,
+        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return result
+
+
+def write(
+    output: Path, result: dict[str, Any], run: runs.Run, raw: datasets.Dataset, after: Scored, before: Scored | None
+) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(output, result)
+    stem = output.with_suffix("")
+    rundir.write_jsonl(Path(f"{stem}_predictions.jsonl"), run.task.prediction_rows(raw, after.predictions))
+    if before is not None:
+        rundir.write_jsonl(
+            Path(f"{stem}_baseline_predictions.jsonl"), run.task.prediction_rows(raw, before.predictions)
+        )
+
+
 def locate(run_dir: str) -> tuple[Path, dict[str, Any]]:
     """(directory holding the weights, run spec) for a finished run or a checkpoint."""
-    from launch import rundir
-    from launch.errors import FtctlError
-
     path = Path(run_dir)
     if not path.is_dir():
         raise FtctlError(f"run directory not found: {run_dir}")
@@ -70,14 +226,10 @@ def locate(run_dir: str) -> tuple[Path, dict[str, Any]]:
 
 def check_weights(weights: Path, peft: bool) -> None:
     """Refuse a directory whose weights are missing or unreadable, before loading anything."""
-    from launch.errors import FtctlError
-
     name = "adapter_model.safetensors" if peft else "model.safetensors"
     files = [weights / name] if (weights / name).is_file() else sorted(weights.glob(name.replace(".", "-*.", 1)))
     if not files:
         raise FtctlError(f"{weights} has no {name}: the run directory is incomplete or damaged")
-    from safetensors import safe_open
-
     for file in files:
         try:
             with safe_open(str(file), framework="pt"):  # checks the header against the file's length
@@ -88,128 +240,5 @@ def check_weights(weights: Path, peft: bool) -> None:
             ) from None
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    quiet()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = build_parser().parse_strict(argv)
-
-    from launch import rundir
-    from launch.config import resolve_values
-    from launch.errors import FtctlError
-
-    weights, spec = locate(opts["run_dir"])
-    output = Path(opts["output"]) if opts["output"] else weights / "eval.json"
-    if output.exists() and output.is_dir():
-        raise FtctlError(f"--output {output} is a directory; give a file path")
-
-    values = dict(spec["config"])
-    if opts["data"]:
-        values["max_eval_samples"] = None  # the run's cap was for its own splits; a file given here is scored whole
-    for key in ("text_column", "label_column", "max_eval_samples"):
-        if opts[key] is not None:
-            values[key] = opts[key]
-    if opts["batch_size"] is not None:
-        if opts["batch_size"] <= 0:
-            raise FtctlError(f"--batch-size must be greater than 0, got {opts['batch_size']}")
-        values["eval_batch_size"] = opts["batch_size"]
-    run = resolve_values(values)
-    cfg, task, method = run.cfg, run.task, run.method
-    task.state = spec["task_state"]
-    check_weights(weights, method.is_peft)
-
-    from launch.models import load_config, load_kwargs, load_tokenizer, model_family, resolve_model
-
-    base_ref = resolve_model(opts["model"]) if opts["model"] else None
-    if method.is_peft:
-        adapter = rundir.read_json(weights / "adapter_config.json", "adapter config")
-        base_ref = base_ref or resolve_model(adapter.get("base_model_name_or_path"))
-    else:
-        base_ref = base_ref or resolve_model(spec["model_ref"])
-    model_config = load_config(base_ref, cfg.trust_remote_code)
-    family = model_family(model_config)
-    task.check_model(model_config, family)
-
-    if opts["data"]:
-        raw = task.read_file(opts["data"], "evaluation data")
-        if cfg.max_eval_samples:
-            raw = raw.select(range(min(len(raw), cfg.max_eval_samples)))
-        split = "data"
-        source = opts["data"]
-    else:
-        splits = task.load()
-        split = opts["split"] or ("test" if "test" in splits else "validation")
-        if split not in splits:
-            raise FtctlError(f"the run's data has no {split} split; pass --data FILE")
-        raw = splits[split]
-        source = f"{task.data_source} ({split})"
-    task.check_data({split: raw}, training=False)
-
-    from launch.quiet import quiet_transformers
-
-    quiet_transformers()
-    from transformers import set_seed
-
-    from launch import engine
-    from launch.cache import encode_cached
-    from launch.console import console, show_metrics
-    from methods.base import Context
-
-    tokenizer = load_tokenizer(str(weights), cfg.trust_remote_code)
-    task.prepare_tokenizer(tokenizer, family)
-    encoded = encode_cached(task, raw, tokenizer, cfg.token_cache)
-    ctx = Context(cfg=cfg, task=task, model_config=model_config, family=family)
-    model_kwargs = {**load_kwargs(cfg), **method.load_kwargs(ctx)}
-
-    with tempfile.TemporaryDirectory(prefix="ftctl-eval-") as scratch:
-        cfg.report_to, cfg.eval_strategy, cfg.save_strategy, cfg.early_stopping_patience = ["none"], "no", "no", None
-        cfg.deepspeed = None  # scoring needs no sharded optimizer; the saved result loads without DeepSpeed
-        args = engine.training_arguments(cfg, task, scratch)
-        engine.check_world(args)
-
-        def evaluate_model(model: Any) -> tuple[dict[str, Any], dict[str, Any], Any, float]:
-            trainer = engine.build_trainer(cfg, args, task, method, model, tokenizer, None, None)
-            started = time.time()
-            metrics, details, predictions = engine.score(trainer, task, encoded)
-            return metrics, details, predictions, time.time() - started
-
-        try:
-            model = method.load_trained(task, str(weights), base_ref, tokenizer, model_kwargs)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise FtctlError(f"cannot load the fine-tuned model from {weights}: {str(exc).splitlines()[0]}") from None
-        after, details, predictions, seconds = evaluate_model(model)
-        before = None
-        if opts["baseline"]:
-            set_seed(cfg.seed)  # the untrained head starts from the same seeded initialisation as training did
-            base = task.build_model(base_ref, tokenizer, model_kwargs)
-            before, before_details, before_predictions, _ = evaluate_model(base)
-
-    result: dict[str, Any] = {**after, "details": details}
-    if before is not None:
-        result["baseline"] = {**before, "details": before_details}
-    result["info"] = {
-        "run_dir": str(Path(opts["run_dir"]).resolve()),
-        "weights": str(weights.resolve()),
-        "base_model": base_ref,
-        "data": source,
-        "examples": len(raw),
-        "runtime_s": seconds,
-        "examples_per_second": len(raw) / seconds if seconds else None,
-        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if args.process_index == 0:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        rundir.write_json(output, result)
-        stem = output.with_suffix("")
-        rundir.write_jsonl(Path(f"{stem}_predictions.jsonl"), task.prediction_rows(raw, predictions))
-        if before is not None:
-            rows = task.prediction_rows(raw, before_predictions)
-            rundir.write_jsonl(Path(f"{stem}_baseline_predictions.jsonl"), rows)
-        show_metrics(f"{task.preset_name} / {method.variant} on {source}: {len(raw):,} examples", after, before)
-        console.print(f"wrote {output}")
-    return result
-
-
 if __name__ == "__main__":
-    from launch.errors import run_main
-
     sys.exit(run_main(main))

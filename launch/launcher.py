@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import Parser
+import torch
 
-REPO = Path(__file__).resolve().parent.parent
-ACCELERATE_CONFIGS = REPO / "accelerate_configs"
-DS_CONFIGS = REPO / "ds_configs"
+from ftctl.errors import FtctlError
+from ftctl.options import Parser
+from launch.configs import ACCELERATE_CONFIGS, REPO, read_accelerate, resolve_accelerate_config
 
 
 def launcher_parser() -> Parser:
@@ -69,35 +68,13 @@ def wants_launcher(options: dict[str, Any]) -> bool:
                 or (options.get("num_machines") or 1) > 1 or options.get("dry_run"))
 
 
-def resolve_accelerate_config(ref: str) -> Path:
-    path = Path(ref)
-    if not path.suffix and not path.exists():
-        path = ACCELERATE_CONFIGS / f"{ref}.yaml"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
-        raise FtctlError(f"accelerate config not found: {ref}; use a path or one of: {names}")
-    return path
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise FtctlError(f"accelerate config {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise FtctlError(f"accelerate config {path} must be a mapping")
-    return data
-
-
 def build_command(options: dict[str, Any], train_argv: list[str]) -> list[str]:
     """The accelerate launch command for these launcher options and training arguments."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     config: dict[str, Any] = {}
     if options.get("accelerate_config"):
         path = resolve_accelerate_config(options["accelerate_config"])
-        config = _read_yaml(path)
+        config = read_accelerate(path)
         cmd += ["--config_file", str(path)]
         ds_file = (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
         if ds_file and not Path(ds_file).is_file() and (REPO / ds_file).is_file():
@@ -167,7 +144,6 @@ def check_process_count(options: dict[str, Any], config: dict[str, Any], process
 
 def visible_gpus() -> int:
     """CUDA devices the launched processes can use (0 on a machine without CUDA). Imports torch: launch time only."""
-    import torch
 
     return torch.cuda.device_count()
 

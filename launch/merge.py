@@ -16,14 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch.quiet import quiet
+from ftctl.errors import FtctlError, run_main
+from ftctl.models import load_kwargs, load_tokenizer, resolve_model
+from ftctl.options import Parser
+from launch import rundir, runs
+from launch.console import console
+from launch.evaluate import check_weights, locate
+from launch.quiet import quiet, quiet_transformers
 
 MERGE_FILE = "merge.json"
 
 
-def build_parser() -> Any:
-    from launch.options import Parser
-
+def build_parser() -> Parser:
     parser = Parser(
         prog="ftctl merge",
         description="Fold a run's LoRA-family adapter into its base model and save the result as a plain "
@@ -37,8 +41,6 @@ def build_parser() -> Any:
 
 
 def check_output(path: Path, overwrite: bool) -> None:
-    from launch.errors import FtctlError
-
     if path.exists() and not path.is_dir():
         raise FtctlError(f"--output {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
@@ -49,54 +51,50 @@ def check_output(path: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Merge a run's adapter into its base and save the plain transformers model."""
     quiet()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = build_parser().parse_strict(argv)
-
-    from launch import rundir
-    from launch.config import resolve_values
-    from launch.errors import FtctlError
-    from launch.evaluate import check_weights, locate
-
+    opts = build_parser().parse_strict(list(sys.argv[1:] if argv is None else argv))
     weights, spec = locate(opts["run_dir"])
-    run = resolve_values(dict(spec["config"]))
-    cfg, task, method = run.cfg, run.task, run.method
-    task.state = spec["task_state"]
-    if not method.mergeable:
-        raise FtctlError(f"method '{method.variant}' has nothing to merge: {method.merge_refusal}")
+    adapter_config = weights / "adapter_config.json"
+    adapter = rundir.read_json(adapter_config, "adapter config") if adapter_config.is_file() else {}
+    base = resolve_model(opts["model"] or adapter.get("base_model_name_or_path") or spec["model_ref"])
+    run = runs.from_record(spec["config"], spec["task_state"], str(weights / rundir.RUN_FILE), model=base)
+    if not run.method.mergeable:
+        raise FtctlError(f"method '{run.method.variant}' has nothing to merge: {run.method.merge_refusal}")
     output = Path(opts["output"])
     check_output(output, opts["overwrite"])
-    check_weights(weights, method.is_peft)
-
-    from launch.models import load_config, load_kwargs, load_tokenizer, model_family, resolve_model
-
-    adapter = rundir.read_json(weights / "adapter_config.json", "adapter config")
-    base_ref = resolve_model(opts["model"] or adapter.get("base_model_name_or_path"))
-    model_config = load_config(base_ref, cfg.trust_remote_code)
-    family = model_family(model_config)
-    task.check_model(model_config, family)
-
-    from launch.quiet import quiet_transformers
+    check_weights(weights, run.method.is_peft)
 
     quiet_transformers()
-    from launch.console import console
-
-    tokenizer = load_tokenizer(str(weights), cfg.trust_remote_code)
-    task.prepare_tokenizer(tokenizer, family)
+    tokenizer = load_tokenizer(str(weights), run.cfg.trust_remote_code)
+    run.task.prepare_tokenizer(tokenizer, run.family)
+    task = run.task.bind(tokenizer=tokenizer)
     try:
-        model, notes = method.merge(task, str(weights), base_ref, tokenizer, load_kwargs(cfg))
+        model, notes = run.method.merge(task, str(weights), run.model_ref, tokenizer, load_kwargs(run.cfg))
     except (OSError, ValueError, RuntimeError) as exc:
         raise FtctlError(f"cannot merge {weights}: {str(exc).splitlines()[0]}") from None
 
     info = {
         "run_dir": str(Path(opts["run_dir"]).resolve()),
-        "method": method.variant,
-        "base_model": base_ref,
-        "auto_model": task.auto_model,
-        "load_args": task.load_args(model_config),
+        "method": run.method.variant,
+        "base_model": run.model_ref,
+        "auto_model": task.fit.auto_model,
+        "load_args": task.load_args(run.model_config),
         "notes": notes,
         "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    save_merged(model, tokenizer, info, output)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(
+        f"[green]merged[/] {run.method.variant} into {run.model_ref} -> {output}\n"
+        f"load it: transformers.{task.fit.auto_model}.from_pretrained({str(output)!r})"
+    )
+    return info
+
+
+def save_merged(model: Any, tokenizer: Any, info: dict[str, Any], output: Path) -> None:
+    """Write the merged model next to `output`, then move it into place."""
     staging = output.with_name(output.name + ".merge.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
@@ -106,16 +104,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(output)
     staging.rename(output)
 
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
-    console.print(
-        f"[green]merged[/] {method.variant} into {base_ref} -> {output}\n"
-        f"load it: transformers.{task.auto_model}.from_pretrained({str(output)!r})"
-    )
-    return info
-
 
 if __name__ == "__main__":
-    from launch.errors import run_main
-
     sys.exit(run_main(main))

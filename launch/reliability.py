@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import rotate_checkpoints as rotate
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
 
 
 class RunStopped(FtctlError):
@@ -60,7 +63,6 @@ class GracefulStop(TrainerCallback):
         self.received = signum
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        import threading
 
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
@@ -100,8 +102,6 @@ def write_checkpoint_atomically(trainer: Any, save: Any, model: Any, trial: Any)
 
     The stock Trainer writes `checkpoint-N` in place; a crash mid-save would leave a directory that `--resume`
     picks as the latest checkpoint. Renaming happens on each node's main process (node-local disks)."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-    from transformers.trainer_utils import rotate_checkpoints as rotate
 
     run_dir = trainer._get_output_dir(trial=trial)
     staging = os.path.join(run_dir, ".checkpoint-staging")

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
 
 RUN_FILE = "run.json"
 SPEC_FILE = "spec.json"

@@ -13,11 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
-from methods.base import Context, register_method
-from methods.lora import ALL_LINEAR, DEFAULT_ALPHA, Lora, LoraOptions, resolve_targets
+from transformers import TrainerCallback
+
+from ftctl.errors import FtctlError
+from ftctl.options import option
+from ftctl.vocab import TaskKind
+from methods.base import Context, PeftMethod, register_method
+from methods.lora import ALL_LINEAR, DEFAULT_ALPHA, LoraOptions, resolve_targets
 from methods.matrix import Refusal
+from tasks.base import Task
 
 
 @dataclass
@@ -59,7 +63,6 @@ def schedule(opts: AdaLoraOptions, total: int) -> dict[str, int]:
 def rank_allocation(model: Any) -> Any:
     """A Trainer callback running AdaLoRA's budget schedule after every optimizer step, while the gradients are
     still there (defined here so that importing the method registry does not import transformers)."""
-    from transformers import TrainerCallback
 
     class RankAllocation(TrainerCallback):
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -71,25 +74,25 @@ def rank_allocation(model: Any) -> Any:
 
 
 @register_method
-class AdaLora(Lora):
+class AdaLora(PeftMethod):
     name = "adalora"
     description = "LoRA with adaptive rank allocation (AdaLoRA): ranks pruned by importance during training"
     trains = "SVD-form low-rank adapters + head"
     Options = AdaLoraOptions
-    variants = {}
+    mergeable = True
     # Every linear layer of the blocks, as in the AdaLoRA paper (it adapts all weight matrices, the budget decides
     # where rank goes). SST-2 with MiniLM (2,000 sentences, 5 epochs, all of dev.tsv): on LoRA's query/value targets
     # AdaLoRA stayed at 0.799-0.804 for lr 1e-3 to 3e-3; on every linear layer it reached 0.820 at 1e-3, 0.825 at 2e-3.
     defaults = {
         "*": {"learning_rate": 5e-4, "target_modules": [ALL_LINEAR]},
-        "classification": {"learning_rate": 2e-3, "epochs": 5.0},
-        "regression": {"learning_rate": 3e-4},
-        "tokens": {"learning_rate": 1e-3},
+        TaskKind.CLASSIFICATION: {"learning_rate": 2e-3, "epochs": 5.0},
+        TaskKind.REGRESSION: {"learning_rate": 3e-4},
+        TaskKind.TOKENS: {"learning_rate": 1e-3},
     }
     refusals = (
         Refusal(
             "DeepSpeed",
-            lambda cell: cell.facts.get("deepspeed_stage") is not None,
+            lambda cell: cell.launch.deepspeed,
             "method '{method}' reallocates ranks from the gradients after each optimizer step, and DeepSpeed's "
             "engine clears them inside its own step; use DDP (no --deepspeed) or lora",
             static=False,
@@ -101,12 +104,14 @@ class AdaLora(Lora):
         self.model: Any = None
         self.plan: dict[str, int] = {}
 
-    def peft_config(self, model: Any, task: Any, ctx: Context) -> Any:
-        from peft import AdaLoraConfig
+    def peft_config(self, model: Any, task: Task, ctx: Context) -> Any:
+        from peft import AdaLoraConfig  # deferred: a heavy import (seconds), paid only by the runs that use it
 
-        self.plan = schedule(self.opts, int(ctx.facts["total_steps"]))
+        if ctx.data is None:
+            raise RuntimeError("adalora's rank schedule needs the number of training steps (Context.data)")
+        self.plan = schedule(self.opts, ctx.data.total_steps)
         return AdaLoraConfig(
-            task_type=task.peft_task_type,
+            task_type=task.fit.peft_task_type,
             init_r=self.opts.adalora_init_r,
             target_r=self.opts.lora_r,
             lora_alpha=self.opts.lora_alpha or DEFAULT_ALPHA,
@@ -117,11 +122,11 @@ class AdaLora(Lora):
             **self.plan,
         )
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
-        self.model = super().apply(model, task, ctx)
+    def apply(self, model: Any, task: Task, ctx: Context) -> Any:
+        self.model = self.wrap(model, self.peft_config(model, task, ctx), ctx)
         return self.model
 
-    def load_trained(self, task: Any, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+    def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
         model = super().load_trained(task, path, base, tokenizer, load_kwargs)
         # PEFT's AdaLoRA adds its orthogonality penalty to any loss its forward returns, reading the adapter's name
         # from an attribute that only a trainable model has; a loaded one would fail on the first scored batch
@@ -144,6 +149,7 @@ class AdaLora(Lora):
 
 def final_ranks(model: Any) -> dict[str, int]:
     """Adapted layer (layer indices kept) -> rank left after pruning (the non-zero singular values)."""
+    # deferred: a heavy import (seconds), paid only by the runs that use it
     from peft.tuners.adalora import AdaLoraLayer
 
     ranks = {}

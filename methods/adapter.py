@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
+from ftctl.errors import FtctlError
+from ftctl.options import option
 from methods.base import Context, Method, freeze_all_but, register_method
+from methods.bottleneck import adapter_names, adapter_sites, inject, load_adapter, save_adapter
 
 STYLES = ("houlsby", "pfeiffer")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -61,7 +62,6 @@ class Adapter(Method):
         self.heads: list[str] = []
 
     def apply(self, model: Any, task: Any, ctx: Context) -> Any:
-        from methods.bottleneck import adapter_names, adapter_sites, inject
 
         self.sites = adapter_sites(model, self.opts.adapter_style)
         inject(model, self.sites, self.opts.adapter_size, self.opts.adapter_non_linearity)
@@ -71,7 +71,6 @@ class Adapter(Method):
 
     def save(self, trainer: Any, path: str) -> None:
         """Adapters and head only. Every process calls this: under ZeRO-3 they all take part in gathering."""
-        from methods.bottleneck import adapter_names, save_adapter
 
         model = trainer.model
         state = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else model)
@@ -87,7 +86,6 @@ class Adapter(Method):
             save_adapter(state, adapter_names(model) + self.heads, config, path)
 
     def load_trained(self, task: Any, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
-        from methods.bottleneck import load_adapter
 
         return load_adapter(task.build_model(base, tokenizer, load_kwargs), path)
 

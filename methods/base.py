@@ -9,19 +9,22 @@ of LoRA) register extra names with fixed settings.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
-from launch.errors import FtctlError
-from launch.options import OptionSpec, specs_of
-from launch.registry import Registry
+import torch
+from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 
-if TYPE_CHECKING:
-    import torch
-
-    from launch.config import RunConfig
-    from methods.matrix import Refusal
-    from tasks.base import Task
+from ftctl.config import RunConfig
+from ftctl.errors import FtctlError
+from ftctl.facts import DataFacts, LaunchFacts
+from ftctl.options import OptionSpec, specs_of
+from ftctl.registry import Registry
+from ftctl.vocab import Family, TaskKind
+from methods import matrix
+from tasks.base import Task
 
 
 @dataclass
@@ -29,17 +32,17 @@ class NoOptions:
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
-    """What a method may look at before the model is loaded, to refuse a combination early."""
+    """What a method may look at before the model is loaded, to refuse a combination early; `data` is known once
+    the training data is loaded, before `apply`."""
 
     cfg: RunConfig
     task: Task
-    model_config: Any
-    family: str
-    # launch facts (num_processes, distributed_type, deepspeed_stage, device); train_examples and total_steps are
-    # added once the data is loaded, before `apply`
-    facts: dict[str, Any] = field(default_factory=dict)
+    model_config: PretrainedConfig
+    family: Family
+    launch: LaunchFacts = LaunchFacts()
+    data: DataFacts | None = None
 
 
 class Method:
@@ -50,7 +53,7 @@ class Method:
     variants: ClassVar[dict[str, dict[str, Any]]] = {}  # registered name -> fixed settings; empty: just `name`
     is_peft: ClassVar[bool] = False  # saves an adapter (loaded onto the base model) rather than a full model
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # task kind (or "*") -> run option defaults
-    refusals: ClassVar[tuple[Refusal, ...]] = ()  # combinations it cannot run: its row of methods/matrix.py
+    refusals: ClassVar[tuple[matrix.Refusal, ...]] = ()  # combinations it cannot run: its row of methods/matrix.py
     mergeable: ClassVar[bool] = False  # `ftctl merge` can fold the trained result into the base weights
     merge_refusal: ClassVar[str] = "its run directory already holds a full model; load it with transformers"
     # Whether the frozen linear layers may be stored in the autocast dtype for training (see `frozen_linears_to`):
@@ -62,12 +65,17 @@ class Method:
         self.variant = variant
         self.settings = settings
 
+    @property
+    def summary(self) -> str:
+        """What this variant is, in a line (a variant may describe itself: qlora)."""
+        return str(self.settings.get("description", type(self).description))
+
     def check(self, ctx: Context) -> None:
         """Refuse combinations that cannot work, before anything heavy is loaded: the method's `refusals` (the
         compatibility matrix); subclasses add checks of their own options after calling this."""
-        from methods import matrix
-
-        matrix.check(self, ctx)
+        message = matrix.refusal(type(self), self.variant, matrix.Cell.of(ctx))
+        if message:
+            raise FtctlError(message)
 
     def load_kwargs(self, ctx: Context) -> dict[str, Any]:
         """Extra `from_pretrained` arguments (quantization, dtype)."""
@@ -113,14 +121,14 @@ class PeftMethod(Method):
     frozen_weights_in_autocast_dtype = True
 
     def wrap(self, model: torch.nn.Module, config: Any, ctx: Context) -> Any:
-        from peft import get_peft_model
+        from peft import get_peft_model  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         if ctx.cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return get_peft_model(model, config)
 
     def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
-        from peft import PeftModel
+        from peft import PeftModel  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         return PeftModel.from_pretrained(task.build_model(base, tokenizer, load_kwargs), path)
 
@@ -141,10 +149,18 @@ class MethodSpec:
     def settings(self) -> dict[str, Any]:
         return self.cls.variants.get(self.variant, {})
 
+    @property
+    def description(self) -> str:
+        return str(self.settings.get("description", self.cls.description))
+
+    @property
+    def trains(self) -> str:
+        return str(self.settings.get("trains", self.cls.trains))
+
     def option_specs(self) -> list[OptionSpec]:
         return specs_of(self.cls.Options, owner=f"method {self.cls.name}", group=f"{self.cls.name} method options")
 
-    def run_defaults(self, task_kind: str) -> dict[str, Any]:
+    def run_defaults(self, task_kind: TaskKind) -> dict[str, Any]:
         """The method's run option defaults for a task kind; a variant's own `defaults` setting wins."""
         out: dict[str, Any] = {}
         for layer in (self.cls.defaults, self.settings.get("defaults", {})):
@@ -161,8 +177,19 @@ class MethodSpec:
 METHODS: Registry[MethodSpec] = Registry("method")
 
 
+def _check_kinds(cls: type[Method]) -> None:
+    """Per-kind defaults name task kinds (or "*"): a misspelt kind would otherwise be silently ignored."""
+    layers = [cls.defaults, *(settings.get("defaults", {}) for settings in cls.variants.values())]
+    for layer in layers:
+        for key in layer:
+            if key != "*" and key not in {k.value for k in TaskKind}:
+                kinds = ", ".join(k.value for k in TaskKind)
+                raise ValueError(f"method '{cls.name}': defaults for unknown task kind {key!r} (kinds: {kinds}, *)")
+
+
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: register a method under its name, or under each of its variant names."""
+    _check_kinds(cls)
     for variant in cls.variants or {cls.name: {}}:
         METHODS.add(variant, MethodSpec(cls, variant))
     return cls
@@ -183,9 +210,6 @@ def frozen_linears_to(model: torch.nn.Module, dtype: torch.dtype) -> int:
     to `dtype` for every product anyway (and does not cache casts of frozen weights between steps): the
     conversion is done once instead of at every forward pass, and the frozen weights take half the memory.
     Parameters shared with another module (an LM head tied to the input embeddings) are left alone."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
@@ -228,8 +252,6 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 def saved_weights(path: Any) -> dict[str, Any]:
     """The weight files a saved result consists of and their size on disk (the adapter size of PEFT methods)."""
-    from pathlib import Path
-
     files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
     size = sum(p.stat().st_size for p in files)
     return {"files": [p.name for p in files], "bytes": size, "mb": size / 2**20}

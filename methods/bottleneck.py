@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
 from methods.layers import layer_stacks
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -105,7 +106,6 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def save_adapter(state: dict[str, torch.Tensor], modules: list[str], config: dict[str, Any], path: str) -> None:
     """Write the weights of `modules` (adapters and head) from a full state dict, and the config that rebuilds them."""
-    from safetensors.torch import save_file
 
     keep = tuple(f"{name}." for name in modules)
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(keep)}
@@ -117,7 +117,6 @@ def save_adapter(state: dict[str, torch.Tensor], modules: list[str], config: dic
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Put saved adapters (and the task head saved with them) onto `model`, the base model built for the task."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     config = json.loads((path / CONFIG).read_text(encoding="utf-8"))

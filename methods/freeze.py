@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
+from ftctl.errors import FtctlError
+from ftctl.options import option
 from methods.base import Context, Method, register_method
 from methods.layers import embedding_modules, layer_stacks
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
+from ftctl.errors import FtctlError
+from ftctl.options import option
 from methods.base import Context, PeftMethod, register_method
 from methods.layers import block_linear_names
 
@@ -37,7 +37,7 @@ def default_targets(model_type: str) -> tuple[list[str], list[str]] | None:
     from peft.utils import (
         TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
         TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    )
+    )  # deferred: a heavy import (seconds), paid only by the runs that use it
 
     targets = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
     feedforward = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
@@ -79,11 +79,11 @@ class Ia3(PeftMethod):
         return targets, list(self.opts.feedforward_modules)
 
     def apply(self, model: Any, task: Any, ctx: Context) -> Any:
-        from peft import IA3Config
+        from peft import IA3Config  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         targets, feedforward = self.targets(model, ctx.model_config.model_type)
         config = IA3Config(
-            task_type=task.peft_task_type,
+            task_type=task.fit.peft_task_type,
             target_modules=targets,
             feedforward_modules=feedforward,
             modules_to_save=task.head_modules(model) or None,

@@ -7,16 +7,12 @@ DistilBERT, RoBERTa, GPT-2, Llama-style decoders, T5 and BART without a per-mode
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
+import torch
+from torch import nn
 
 
 def layer_stacks(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
     """(name, blocks) for each stack of repeated transformer blocks, outermost only, in model order."""
-    from torch import nn
-
     stacks: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -31,8 +27,6 @@ def layer_stacks(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]
 
 def embedding_modules(model: torch.nn.Module) -> list[str]:
     """Names of the input embedding modules (token, position, type embeddings and their norms), outside the blocks."""
-    from torch import nn
-
     inside = [stack for stack, _ in layer_stacks(model)]
     names: list[str] = []
     for name, module in model.named_modules():
@@ -47,8 +41,6 @@ def embedding_modules(model: torch.nn.Module) -> list[str]:
 
 def block_linear_names(model: torch.nn.Module) -> list[str]:
     """Leaf names of the linear layers inside the transformer blocks: LoRA's 'all-linear', never the task head."""
-    from torch import nn
-
     names: dict[str, None] = {}
     for _, stack in layer_stacks(model):
         for sub_name, module in stack.named_modules():

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
+from ftctl.errors import FtctlError
+from ftctl.options import option
 from methods.base import Context, Method, register_method
 from methods.layers import embedding_modules, layer_stacks
 from methods.matrix import Refusal
@@ -67,7 +67,7 @@ class LayerwiseDecay(Method):
     refusals = (
         Refusal(
             "a DeepSpeed config with its own optimizer",
-            lambda cell: bool(cell.facts.get("deepspeed_optimizer")),
+            lambda cell: cell.launch.deepspeed_optimizer,
             "method '{method}' sets per-layer learning rates as optimizer parameter groups, and the DeepSpeed config "
             'brings its own optimizer, which would replace them; remove its "optimizer" block (ftctl\'s ds_configs '
             "have none)",

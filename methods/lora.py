@@ -3,6 +3,9 @@
 - `lora`: low-rank updates W + (alpha/r) B A on chosen linear layers (Hu et al. 2021, arXiv:2106.09685).
 - `rslora`: rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732).
 - `dora`: weight-decomposed LoRA, magnitude and direction trained apart (Liu et al. 2024, arXiv:2402.09353).
+- `qlora`, `qlora8`: LoRA on a base that bitsandbytes loads quantized, 4-bit NF4 with double quantization or 8-bit
+  (Dettmers et al. 2023, arXiv:2305.14314): the same options, targets and defaults, plus load-time quantization and
+  PEFT's k-bit preparation (methods/qlora.py). The task head stays in full precision.
 
 The task head is always trained and saved (`modules_to_save`), so the adapter directory alone reproduces the
 fine-tuned model on top of the base; it loads with plain `peft.PeftModel.from_pretrained`.
@@ -13,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
+from ftctl.errors import FtctlError
+from ftctl.options import option
+from methods import qlora
 from methods.base import Context, PeftMethod, register_method
 from methods.layers import block_linear_names
+from tasks.base import Task
 
 # Default target modules by model type: the attention query/value projections for encoders and T5 (the LoRA
 # paper's choice), every linear layer of the blocks for modern decoder LLMs (QLoRA's finding that all-linear
@@ -89,7 +94,18 @@ class Lora(PeftMethod):
         # on dev, with 12 it reached 0.820 (bench/RESULTS.md)
         "rslora": {"use_rslora": True, "default_alpha": 12},
         "dora": {"use_dora": True},
+        "qlora": {
+            "bits": 4,
+            "description": "LoRA on a bitsandbytes 4-bit NF4 base (double quantization)",
+            "trains": "low-rank adapters + head, base quantized",
+        },
+        "qlora8": {
+            "bits": 8,
+            "description": "LoRA on a bitsandbytes 8-bit (LLM.int8()) base",
+            "trains": "low-rank adapters + head, base quantized",
+        },
     }
+    refusals = qlora.quantization_refusals()
     mergeable = True
     # Per task kind, from measurements with MiniLM on 2 CPU cores (../shared/BENCHMARKS.md, bench/RESULTS.md): on
     # SST-2 the attention query/value default at lr 1e-3 for 5 epochs beat plain-library LoRA; NER with query/value
@@ -109,11 +125,16 @@ class Lora(PeftMethod):
         # DoRA normalizes base weight + update outside the autocast products: the base must stay in fp32
         return not self.settings.get("use_dora", False)
 
-    def peft_config(self, model: Any, task: Any, ctx: Context) -> Any:
-        from peft import LoraConfig
+    @property
+    def bits(self) -> int | None:
+        """4 or 8 for the quantized variants (qlora, qlora8), else None."""
+        return self.settings.get("bits")
+
+    def peft_config(self, model: Any, task: Task, ctx: Context) -> Any:
+        from peft import LoraConfig  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         return LoraConfig(
-            task_type=task.peft_task_type,
+            task_type=task.fit.peft_task_type,
             r=self.opts.lora_r,
             lora_alpha=self.opts.lora_alpha or self.settings.get("default_alpha", DEFAULT_ALPHA),
             lora_dropout=self.opts.lora_dropout,
@@ -124,5 +145,31 @@ class Lora(PeftMethod):
             use_dora=self.settings.get("use_dora", False),
         )
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+    def load_kwargs(self, ctx: Context) -> dict[str, Any]:
+        if self.bits is None:
+            return {}
+        return qlora.quantization_kwargs(self.bits, ctx.task, ctx.model_config, ctx.launch.deepspeed_stage)
+
+    def apply(self, model: Any, task: Task, ctx: Context) -> Any:
+        if self.bits is not None:
+            # deferred: a heavy import (seconds), paid only by the runs that use it
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                qlora.unpacked(model),
+                use_gradient_checkpointing=ctx.cfg.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         return self.wrap(model, self.peft_config(model, task, ctx), ctx)
+
+    def record(self, model: Any) -> dict[str, Any]:
+        return qlora.quantization_record(model, self.bits) if self.bits is not None else {}
+
+    def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+        model = super().load_trained(task, path, base, tokenizer, load_kwargs)
+        return qlora.unpacked(model) if self.bits is not None else model
+
+    def merge(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[Any, list]:
+        if self.bits is None:
+            return super().merge(task, path, base, tokenizer, load_kwargs)
+        return qlora.merge_dequantized(task, path, base, tokenizer, load_kwargs, self.bits)

@@ -9,16 +9,19 @@ type or the launch (the device, the DeepSpeed stage) is printed as a condition u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from launch.errors import FtctlError
+from transformers import PretrainedConfig
 
-if TYPE_CHECKING:
-    from methods.base import Context, Method
+from ftctl.facts import LaunchFacts
+from ftctl.vocab import FAMILIES, Family, TaskKind
+from tasks import TASKS
 
-FAMILIES = ("encoder", "decoder", "encoder-decoder")
+if TYPE_CHECKING:  # annotations only: methods.base imports this module to check a run against the matrix
+    from methods.base import Context, Method, MethodSpec
+
 SUPPORTED, REFUSED, NOT_A_TASK_FAMILY = "yes", "no", "-"
 
 
@@ -26,14 +29,16 @@ SUPPORTED, REFUSED, NOT_A_TASK_FAMILY = "yes", "no", "-"
 class Cell:
     """One combination: an architecture family and a task shape, optionally a concrete model and launch."""
 
-    family: str
-    task_kind: str
+    family: Family
+    task_kind: TaskKind
     has_head: bool
     peft_task_type: str
     model_type: str | None = None  # None: any model of the family (a cell of the printed matrix)
-    facts: Mapping[str, Any] = field(default_factory=dict)  # launch facts (device, deepspeed_stage, ...)
+    # the launch (device, DeepSpeed stage, ...); only refusals that are not `static` read it, and those are checked
+    # for concrete runs only, never for the printed matrix
+    launch: LaunchFacts = LaunchFacts()
     task: str = ""  # the task's name, for messages
-    model_config: Any = None  # the model's config, for refusals that look at the concrete architecture
+    model_config: PretrainedConfig | None = None  # for refusals that look at the concrete architecture
 
     @classmethod
     def of(cls, ctx: Context) -> Cell:
@@ -42,9 +47,9 @@ class Cell:
             family=ctx.family,
             task_kind=task.kind,
             has_head=task.has_head,
-            peft_task_type=task.peft_task_type,
+            peft_task_type=task.fit.peft_task_type,
             model_type=ctx.model_config.model_type,
-            facts={**ctx.facts, **deepspeed_facts(ctx.cfg)},
+            launch=ctx.launch,
             task=task.preset_name,
             model_config=ctx.model_config,
         )
@@ -84,23 +89,8 @@ class Refusal:
         )
 
 
-def deepspeed_facts(cfg: Any) -> dict[str, Any]:
-    """Whether the run's DeepSpeed config (--deepspeed) brings its own optimizer, which replaces our parameter
-    groups."""
-    ref = getattr(cfg, "deepspeed", None)
-    if not ref:
-        return {}
-    import json
-
-    from launch.engine import deepspeed_config
-
-    path = deepspeed_config(ref)
-    config = json.loads(open(path, encoding="utf-8").read()) if path else {}
-    return {"deepspeed_optimizer": "optimizer" in config}
-
-
 def refusal(method_cls: type[Method], variant: str, cell: Cell) -> str | None:
-    """The first reason `variant` cannot run on `cell`, or None."""
+    """The first reason `variant` of a method class cannot run on `cell`, or None."""
     for rule in method_cls.refusals:
         message = rule.applies(variant, cell)
         if message:
@@ -108,27 +98,18 @@ def refusal(method_cls: type[Method], variant: str, cell: Cell) -> str | None:
     return None
 
 
-def check(method: Method, ctx: Context) -> None:
-    """Raise the method's refusal of this run's combination, if any."""
-    message = refusal(type(method), method.variant, Cell.of(ctx))
-    if message:
-        raise FtctlError(message)
-
-
 @dataclass(frozen=True)
 class TaskShape:
     """What the matrix keys on for a task: its kind, whether it has a head, its PEFT task type, its families."""
 
-    kind: str
+    kind: TaskKind
     has_head: bool
     peft_task_type: str
-    families: tuple[str, ...]
+    families: tuple[Family, ...]
 
 
 def registered_shapes() -> list[TaskShape]:
     """One shape per registered task class, in registry order."""
-    from tasks import TASKS
-
     shapes: dict[type, TaskShape] = {}
     for _, spec in TASKS.items():
         cls = spec.cls
@@ -156,13 +137,12 @@ def conditions(method_cls: type[Method], variant: str) -> list[str]:
     return [r.when for r in method_cls.refusals if not r.static and (not r.variants or variant in r.variants)]
 
 
-def table(shapes: list[TaskShape] | None = None) -> list[dict[str, Any]]:
-    """The whole matrix: one entry per registered method name, with its cells per task kind and its conditions."""
-    from methods.base import METHODS
-
+def table(methods: Iterable[tuple[str, MethodSpec]], shapes: list[TaskShape] | None = None) -> list[dict[str, Any]]:
+    """The whole matrix: one entry per registered method name (`METHODS.items()`), with its cells per task kind and
+    its conditions."""
     shapes = registered_shapes() if shapes is None else shapes
     rows = []
-    for name, spec in METHODS.items():
+    for name, spec in methods:
         cells: dict[str, dict[str, str]] = {}
         for shape in shapes:
             for family, verdict in row(spec.cls, name, shape).items():
@@ -171,6 +151,11 @@ def table(shapes: list[TaskShape] | None = None) -> list[dict[str, Any]]:
                 if previous != SUPPORTED:
                     cells[shape.kind][family] = verdict
         rows.append(
-            {"method": name, "cells": cells, "conditions": conditions(spec.cls, name), "mergeable": spec.cls.mergeable}
+            {
+                "method": name,
+                "cells": cells,
+                "conditions": conditions(spec.cls, name),
+                "mergeable": spec.cls.mergeable,
+            }
         )
     return rows

@@ -15,13 +15,19 @@ by dropping the cache (and with it the prefix).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+from ftctl.errors import FtctlError
+from ftctl.options import option
+from ftctl.vocab import Family
 from methods.base import Context, PeftMethod, register_method
 from methods.matrix import Refusal
+from methods.prefix_cache import keep_prefix_under_checkpointing
 
 PROMPT, ENCODER, PREFIX = "prompt", "encoder", "prefix"
 INPUT_PROMPTS = ("prompt_tuning", "p_tuning")
@@ -49,10 +55,7 @@ class PromptOptions:
 
 def accepts_cache(model_config: Any) -> bool:
     """Whether the model's backbone takes a KV cache (`past_key_values`) that a prefix can be put into."""
-    import inspect
 
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     name = MODEL_MAPPING_NAMES.get(model_config.model_type)
     backbone = getattr(transformers, name, None) if isinstance(name, str) else None
@@ -64,7 +67,7 @@ def accepts_cache(model_config: Any) -> bool:
 REFUSALS = (
     Refusal(
         "decoder and encoder-decoder classification",
-        lambda cell: cell.family != "encoder" and cell.peft_task_type == "SEQ_CLS",
+        lambda cell: cell.family != Family.ENCODER and cell.peft_task_type == "SEQ_CLS",
         "method '{method}' feeds input embeddings instead of input ids, and {family} classification models find the "
         "last real token (the one they classify) in the input ids; use prefix_tuning or p_tuning_v2 (decoders), or "
         "lora",
@@ -79,7 +82,7 @@ REFUSALS = (
     ),
     Refusal(
         "encoder-decoder tasks with a head",
-        lambda cell: cell.family == "encoder-decoder" and cell.has_head,
+        lambda cell: cell.family == Family.ENCODER_DECODER and cell.has_head,
         "method '{method}': PEFT passes the prefix to the decoder of encoder-decoder models only, which their "
         "classification heads do not expect; use lora, ia3 or adapter on {model_type}",
         variants=DEEP_PROMPTS,
@@ -152,11 +155,12 @@ class SoftPrompt(PeftMethod):
             )
 
     def peft_config(self, model: Any, task: Any) -> Any:
+        # deferred: a heavy import (seconds), paid only by the runs that use it
         from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
         text = model.config.get_text_config()
         common = {
-            "task_type": task.peft_task_type,
+            "task_type": task.fit.peft_task_type,
             "num_virtual_tokens": self.opts.num_virtual_tokens,
             "modules_to_save": task.head_modules(model) or None,
             # read through the config's attribute map, which PEFT's own lookup misses (DistilBERT's `dim`, `n_heads`)
@@ -178,7 +182,6 @@ class SoftPrompt(PeftMethod):
     def apply(self, model: Any, task: Any, ctx: Context) -> Any:
         peft_model = self.wrap(model, self.peft_config(model, task), ctx)
         if self.settings["kind"] == PREFIX:
-            from methods.prefix_cache import keep_prefix_under_checkpointing
 
             keep_prefix_under_checkpointing(peft_model)
         return peft_model

@@ -1,5 +1,5 @@
-"""QLoRA: LoRA on a base model whose linear layers bitsandbytes loads quantized (Dettmers et al. 2023,
-arXiv:2305.14314).
+"""QLoRA's quantization: what the `qlora` and `qlora8` variants of LoRA (methods/lora.py) add to it. A base model
+whose linear layers bitsandbytes loads quantized (Dettmers et al. 2023, arXiv:2305.14314).
 
 - `qlora`: 4-bit NormalFloat (NF4) weights with double quantization (the quantization constants quantized too),
   matrix products computed in bf16.
@@ -18,9 +18,14 @@ import functools
 import os
 from typing import Any
 
-from methods.base import Context, register_method
-from methods.lora import Lora
+import torch
+import transformers
+from transformers import BitsAndBytesConfig
+from transformers.quantizers.base import get_keys_to_not_convert
+
+from ftctl.models import load_config
 from methods.matrix import Refusal
+from tasks.base import Task
 
 QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")
 
@@ -30,8 +35,7 @@ def bnb_problem(device: str, bits: int) -> str | None:
     """Why bitsandbytes cannot train `bits`-bit layers on `device` ("cpu" or "cuda"), or None: a 64x64 quantized
     layer is built, run forward and backward, and run again without gradients."""
     try:
-        import bitsandbytes as bnb
-        import torch
+        import bitsandbytes as bnb  # deferred: a heavy import (seconds), paid only by the runs that use it
     except Exception as exc:  # an import failure of a native library can be any exception type
         return f"bitsandbytes cannot be imported: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     try:
@@ -63,7 +67,6 @@ def unpacked(model: Any) -> Any:
 
 
 def compute_dtype() -> Any:
-    import torch
 
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return torch.float16
@@ -73,20 +76,15 @@ def compute_dtype() -> Any:
 def kept_full_precision(task: Any, model_config: Any) -> list[str]:
     """Modules not to quantize: the task head and transformers' own choice (output embeddings, tied weights, the
     last module), found on a weightless (meta-device) copy of the model."""
-    import torch
-    import transformers
-    from transformers.quantizers.base import get_keys_to_not_convert
 
     with torch.device("meta"):
-        skeleton = getattr(transformers, task.auto_model).from_config(model_config)
+        skeleton = getattr(transformers, task.fit.auto_model).from_config(model_config)
     modules = dict(skeleton.named_modules())
     keep = {*task.head_modules(skeleton), *get_keys_to_not_convert(skeleton)}
     return sorted(name for name in keep if name in modules)  # transformers may name a parameter (`classifier.bias`)
 
 
 def quantization_kwargs(bits: int, task: Any, model_config: Any, deepspeed_stage: int | None = None) -> dict:
-    import torch
-    from transformers import BitsAndBytesConfig
 
     skip = kept_full_precision(task, model_config)
     if bits == 4:
@@ -110,7 +108,8 @@ def quantization_kwargs(bits: int, task: Any, model_config: Any, deepspeed_stage
 def dequantized_copy(quantized: Any, full: Any) -> list[str]:
     """Overwrite `full`'s weights with the de-quantized weights of `quantized` (the same model loaded quantized):
     the values the adapter was trained against. Returns the layers replaced."""
-    import torch
+
+    # deferred: this transformers module imports bitsandbytes, whose native libraries load (and print) at import
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
     replaced = []
@@ -127,84 +126,57 @@ def dequantized_copy(quantized: Any, full: Any) -> list[str]:
     return replaced
 
 
-def deepspeed_zero3(cell: Any) -> bool:
-    return cell.facts.get("deepspeed_stage") == 3
+def quantization_refusals() -> tuple[Refusal, ...]:
+    """The combinations the quantized LoRA variants cannot run (their rows of the compatibility matrix)."""
 
+    def bnb_refusal(bits: int, variant: str) -> Refusal:
+        return Refusal(
+            f"bitsandbytes cannot run {bits}-bit layers on the device",
+            lambda cell: bnb_problem(cell.launch.device, bits) or False,
+            "method '{method}' needs bitsandbytes " + str(bits) + "-bit layers, which do not run on this machine "
+            "({detail}); use lora, or a machine where bitsandbytes works (pip install -U bitsandbytes)",
+            static=False,
+            variants=(variant,),
+        )
 
-def bnb_refusal(bits: int, variant: str) -> Refusal:
-    return Refusal(
-        f"bitsandbytes cannot run {bits}-bit layers on the device",
-        lambda cell: bool(cell.facts.get("device")) and (bnb_problem(cell.facts["device"], bits) or False),
-        "method '{method}' needs bitsandbytes " + str(bits) + "-bit layers, which do not run on this machine "
-        "({detail}); use lora, or a machine where bitsandbytes works (pip install -U bitsandbytes)",
-        static=False,
-        variants=(variant,),
-    )
-
-
-@register_method
-class QLora(Lora):
-    name = "qlora"
-    description = "LoRA on a bitsandbytes-quantized base: 4-bit NF4 + double quantization (qlora) or 8-bit (qlora8)"
-    trains = "low-rank adapters + head, base quantized"
-    variants = {"qlora": {"bits": 4}, "qlora8": {"bits": 8}}
-    refusals = (
+    return (
         bnb_refusal(4, "qlora"),
         bnb_refusal(8, "qlora8"),
         Refusal(
             "DeepSpeed ZeRO-3 (8-bit)",
-            deepspeed_zero3,
+            lambda cell: cell.launch.deepspeed_stage == 3,
             "method '{method}': ZeRO-3 cannot partition bitsandbytes 8-bit weights; use qlora (4-bit) or ZeRO-2",
             static=False,
             variants=("qlora8",),
         ),
     )
 
-    @property
-    def bits(self) -> int:
-        return self.settings["bits"]
 
-    def load_kwargs(self, ctx: Context) -> dict[str, Any]:
-        return quantization_kwargs(self.bits, ctx.task, ctx.model_config, ctx.facts.get("deepspeed_stage"))
+def quantization_record(model: Any, bits: int) -> dict[str, Any]:
+    """What run.json says of the quantization."""
+    config = model.config.quantization_config
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    keys = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
+    facts = {k: config[k] for k in keys if k in config}
+    facts["bnb_4bit_compute_dtype"] = str(config.get("bnb_4bit_compute_dtype", "")).replace("torch.", "")
+    return {"quantization": {"bits": bits, **facts, "full_precision_modules": config["llm_int8_skip_modules"]}}
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
-        from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            unpacked(model),
-            use_gradient_checkpointing=ctx.cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-        return super().apply(model, task, ctx)
+def merge_dequantized(
+    task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any], bits: int
+) -> tuple[Any, list[str]]:
+    """The base loaded quantized as in training, de-quantized into a full-precision copy, then the adapter merged
+    into that: the merged model reproduces the fine-tuned quantized model, not base + adapter."""
+    from peft import PeftModel  # deferred: a heavy import (seconds), paid only by the runs that use it
 
-    def record(self, model: Any) -> dict[str, Any]:
-        config = model.config.quantization_config
-        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        keys = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
-        facts = {k: config[k] for k in keys if k in config}
-        facts["bnb_4bit_compute_dtype"] = str(config.get("bnb_4bit_compute_dtype", "")).replace("torch.", "")
-        return {"quantization": {"bits": self.bits, **facts, "full_precision_modules": config["llm_int8_skip_modules"]}}
-
-    def load_trained(self, task: Any, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
-        return unpacked(super().load_trained(task, path, base, tokenizer, load_kwargs))
-
-    def merge(self, task: Any, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[Any, list]:
-        """The base loaded quantized as in training, de-quantized into a full-precision copy, then the adapter
-        merged into that: the merged model reproduces the fine-tuned quantized model, not base + adapter."""
-        from peft import PeftModel
-
-        from launch.models import load_config
-
-        model_config = load_config(base, bool(load_kwargs.get("trust_remote_code")))
-        quantized = task.build_model(
-            base, tokenizer, {**load_kwargs, **quantization_kwargs(self.bits, task, model_config)}
-        )
-        full = task.build_model(base, tokenizer, load_kwargs)
-        replaced = dequantized_copy(quantized, full)
-        del quantized
-        merged = PeftModel.from_pretrained(full, path).merge_and_unload()
-        kind = "4-bit NF4 (double quantization)" if self.bits == 4 else "8-bit LLM.int8()"
-        return merged, [
-            f"merged into the de-quantized {kind} weights the adapter was trained on ({len(replaced)} layers), in full "
-            "precision: the merged model reproduces the fine-tuned quantized model, not the original base weights"
-        ]
+    model_config = load_config(base, bool(load_kwargs.get("trust_remote_code")))
+    quantized = task.build_model(base, tokenizer, {**load_kwargs, **quantization_kwargs(bits, task, model_config)})
+    full = task.build_model(base, tokenizer, load_kwargs)
+    replaced = dequantized_copy(quantized, full)
+    del quantized
+    merged = PeftModel.from_pretrained(full, path).merge_and_unload()
+    kind = "4-bit NF4 (double quantization)" if bits == 4 else "8-bit LLM.int8()"
+    return merged, [
+        f"merged into the de-quantized {kind} weights the adapter was trained on ({len(replaced)} layers), in full "
+        "precision: the merged model reproduces the fine-tuned quantized model, not the original base weights"
+    ]

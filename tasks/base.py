@@ -8,23 +8,26 @@ the training loop. A task registers one class under all of its preset names (`ss
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from launch.errors import FtctlError
-from launch.options import OptionSpec, specs_of
-from launch.registry import Registry
-from tasks import io
+import datasets
+import torch
+from transformers import DataCollatorWithPadding, PretrainedConfig, PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    import datasets
-    import torch
+from ftctl import dataio
+from ftctl.config import RunConfig
+from ftctl.errors import FtctlError
+from ftctl.models import from_pretrained
+from ftctl.options import OptionSpec, specs_of
+from ftctl.registry import Registry
+from ftctl.vocab import FAMILIES, Family, TaskKind
 
-    from launch.config import RunConfig
-
-FAMILIES = ("encoder", "decoder", "encoder-decoder")
 BUNDLED_DATA = Path(__file__).parent / "data"
+FRESH_MODULES = "ftctl_fresh_modules"  # attribute of a loaded model: modules its checkpoint lacked
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,84 @@ class NoOptions:
     pass
 
 
+@dataclass(frozen=True)
+class ModelFit:
+    """What `check_model` found out about the backbone, as the task uses it: which Auto class and PEFT task type
+    load it, its pipeline tag, and whether its loss sums over label items (family-dependent for generation tasks)."""
+
+    family: Family
+    model_type: str
+    auto_model: str
+    peft_task_type: str
+    pipeline_tag: str
+    # The loss sums over label items and divides by `num_items_in_batch` (exact token-level normalisation across
+    # micro-batches and processes); False: the model's loss is a per-micro-batch mean (see FtctlTrainer).
+    loss_counts_items: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """The splits a task read, and where from (for messages and run.json)."""
+
+    splits: dict[str, datasets.Dataset]
+    source: str
+
+
+@dataclass(frozen=True)
+class DetailView:
+    """A non-scalar result drawn the same way whatever task it comes from: `matrix` (labels x labels counts, e.g. a
+    confusion matrix) or `bars` (a value per named item, e.g. F1 per entity type). Tasks turn their evaluation
+    details into these (`ReportsDetails`), so the report never names a task's detail keys."""
+
+    kind: str  # matrix or bars
+    title: str
+    labels: list[str]
+    values: Any  # matrix: list of rows of counts; bars: list of values, one per label
+    value_name: str = ""
+
+
+# ---- optional capabilities: a task implements the protocol when it has the behaviour ---------------------------
+@runtime_checkable
+class SamplesGenerations(Protocol):
+    """Scored without generating (e.g. by perplexity), yet shows what the model writes for its first examples."""
+
+    def sample_count(self) -> int: ...
+
+    def add_samples(self, predictions: Any, generated: Any) -> Any: ...
+
+
+@runtime_checkable
+class TrainsOnOtherBatches(Protocol):
+    """Training batches differ from evaluation batches (padding-free packing for decoders)."""
+
+    def train_collator(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> Any: ...
+
+
+@runtime_checkable
+class ScoresTexts(Protocol):
+    """Outputs are texts, scored by a function of (predictions, references): per example in reports."""
+
+    def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class ReportsDetails(Protocol):
+    """Evaluation details (metric_details) that a report can draw."""
+
+    def report_details(self, details: Mapping[str, Any]) -> list[DetailView]: ...
+
+
 class Task:
+    """A task, configured (`cfg`, `opts`, preset) and, once the run has checked them, bound to what it learned:
+    `fit` (from `check_model`), `state` (from `check_data`: label names, ...) and the prepared tokenizer. Binding
+    returns a new task (`bind`); nothing learned is written onto an existing instance."""
+
     name: ClassVar[str]
-    kind: ClassVar[str]  # what methods tune their defaults by: classification, regression, tokens, qa, generation
+    kind: ClassVar[TaskKind]  # what methods tune their defaults by
     description: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]
     primary_metric: ClassVar[str]
-    greater_is_better: ClassVar[bool] = True
-    families: ClassVar[tuple[str, ...]] = FAMILIES
+    families: ClassVar[tuple[Family, ...]] = FAMILIES
     peft_task_type: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     presets: ClassVar[dict[str, Preset]]
@@ -58,26 +131,41 @@ class Task:
     has_head: ClassVar[bool] = True  # a separate head on top of the backbone (not a language-model task)
     auto_model: ClassVar[str]  # the transformers Auto class that loads the fine-tuned model
     pipeline_tag: ClassVar[str]  # the hub's pipeline tag, for the model card
-    target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding the targets (QA: start/end positions)
     # encoded columns kept for scoring (offsets, gold references, example ids); never handed to the model
     extra_columns: ClassVar[tuple[str, ...]] = ()
-    # The loss sums over label items and divides by `num_items_in_batch` (exact token-level normalisation across
-    # micro-batches and processes); False: the model's loss is a per-micro-batch mean (see FtctlTrainer).
-    loss_counts_items: ClassVar[bool] = False
     generates: ClassVar[bool] = False  # evaluation predictions are generated token ids (see `generation_kwargs`)
-    samples: int = 0  # tasks scored without generating: also generate outputs for this many examples at the end
 
     def __init__(self, cfg: RunConfig, opts: Any, preset_name: str):
         self.cfg = cfg
         self.opts = opts
         self.preset_name = preset_name
         self.preset = self.presets[preset_name]
-        self.state: dict[str, Any] = {}  # what the task learned from the data (label names, ...); saved with the run
-        self.data_source = ""
-        self.new_modules: list[str] = []  # modules the checkpoint lacked, set by load_pretrained
+        self._fit: ModelFit | None = None
+        self.state: Mapping[str, Any] = {}  # what the task learned from the data (label names, ...); saved with the run
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    def bind(
+        self,
+        fit: ModelFit | None = None,
+        state: Mapping[str, Any] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Task:
+        """A copy of this task that carries what the run learned (the values returned by `check_model` and
+        `check_data`, and the prepared tokenizer)."""
+        bound = copy.copy(self)
+        bound._fit = fit if fit is not None else self._fit
+        bound.state = dict(state) if state is not None else self.state
+        bound.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        return bound
+
+    @property
+    def fit(self) -> ModelFit:
+        if self._fit is None:
+            raise RuntimeError(f"task '{self.preset_name}' is not bound to a model yet (bind(fit=check_model(...)))")
+        return self._fit
 
     # ---- data -------------------------------------------------------------------------------------------------
-    def load(self) -> dict[str, datasets.Dataset]:
+    def load(self) -> LoadedData:
         """Train/validation(/test) splits: from files, a hub id, the bundled demo data or the preset's hub dataset."""
         cfg = self.cfg
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
@@ -85,31 +173,31 @@ class Task:
             if not cfg.train_file:
                 raise FtctlError("--validation-file/--test-file given without --train-file; training needs train data")
             splits = {name: self.read_file(path, f"{name} file") for name, path in files.items() if path}
-            self.data_source = ", ".join(f"{n}={p}" for n, p in files.items() if p)
+            source = ", ".join(f"{n}={p}" for n, p in files.items() if p)
         elif cfg.dataset:
-            splits = io.load_hub(cfg.dataset, cfg.dataset_config)
-            self.data_source = f"hub:{cfg.dataset}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "")
+            splits = dataio.load_hub(cfg.dataset, cfg.dataset_config)
+            source = f"hub:{cfg.dataset}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "")
         elif self.preset.bundled:
             folder = BUNDLED_DATA / self.preset.bundled
             splits = {p.stem: self.read_file(str(p), "bundled data") for p in sorted(folder.glob("*.jsonl"))}
-            self.data_source = f"bundled:{self.preset.bundled}"
+            source = f"bundled:{self.preset.bundled}"
         elif self.preset.hub:
-            splits = io.load_hub(*self.preset.hub)
-            self.data_source = f"hub:{self.preset.hub[0]}" + (f"/{self.preset.hub[1]}" if self.preset.hub[1] else "")
+            splits = dataio.load_hub(*self.preset.hub)
+            source = f"hub:{self.preset.hub[0]}" + (f"/{self.preset.hub[1]}" if self.preset.hub[1] else "")
         else:
             raise FtctlError(
                 f"task '{self.preset_name}' needs data: pass --train-file (CSV, TSV, JSON, JSONL or Parquet) "
                 "or --dataset HUB_ID"
             )
         if "train" not in splits:
-            raise FtctlError(f"the data from {self.data_source} has no train split")
+            raise FtctlError(f"the data from {source} has no train split")
         splits = self.clean(splits)
         if "validation" not in splits:
             splits["train"], splits["validation"] = self.split_off(splits["train"], self.cfg.validation_split)
-        return self.cap(splits)
+        return LoadedData(self.cap(splits), source)
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
-        return io.read_table(path, what)
+        return dataio.read_table(path, what)
 
     def clean(self, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
         """Drop what cannot be used (e.g. a hub test split without labels). Default: nothing."""
@@ -130,52 +218,49 @@ class Task:
         }
         return {n: ds.select(range(min(len(ds), limits[n]))) if limits.get(n) else ds for n, ds in splits.items()}
 
-    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
-        """Refuse data the task cannot use (missing columns, bad labels); learn `self.state` from train data."""
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
+        """Refuse data the task cannot use (missing columns, bad labels). Returns the task's state: learnt from the
+        train data when `training`, else this task's own (bound) state, against which the splits were checked."""
         raise NotImplementedError
 
-    def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+    def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         """Tokenize one split; the result holds model inputs, labels and a `length` column. Pure and batched."""
         raise NotImplementedError
 
-    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
+    def collator(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> Any:
         """Pads a batch to its longest member (dynamic padding)."""
-        from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
-    def train_collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
-        """Batches for training; the evaluation batches of `collator` unless the task packs (see generation.py)."""
-        return self.collator(tokenizer, pad_to_multiple_of)
-
     # ---- model ------------------------------------------------------------------------------------------------
-    def check_model(self, model_config: Any, family: str) -> None:
+    def check_model(self, model_config: PretrainedConfig, family: Family) -> ModelFit:
+        """Refuse a backbone the task cannot use; returns how the task fits it."""
         if family not in self.families:
             raise FtctlError(
                 f"task '{self.preset_name}' does not support {family} models like '{model_config.model_type}'; "
                 f"it supports: {', '.join(self.families)}"
             )
+        return ModelFit(family, model_config.model_type, self.auto_model, self.peft_task_type, self.pipeline_tag)
 
-    def prepare_tokenizer(self, tokenizer: Any, family: str) -> None:
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase, family: Family) -> None:
         """Give decoders a pad token (their own end-of-sequence token, which classification never predicts)."""
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise FtctlError("the tokenizer has neither a pad nor an end-of-sequence token to pad with")
             tokenizer.pad_token = tokenizer.eos_token
 
-    def load_args(self, model_config: Any) -> dict[str, Any]:
+    def load_args(self, model_config: PretrainedConfig) -> dict[str, Any]:
         """Arguments a user passes to `auto_model.from_pretrained(base, ...)` to put an adapter back on the base."""
         return {}
 
-    def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
+    def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         raise NotImplementedError
 
     def load_pretrained(self, auto_cls: Any, ref: str, **kwargs: Any) -> torch.nn.Module:
-        """Load weights, remembering which modules the checkpoint did not have (freshly initialised)."""
-        from launch.models import from_pretrained
-
+        """Load weights; the model remembers which modules its checkpoint did not have (freshly initialised), for
+        `head_modules`."""
         model, info = from_pretrained(auto_cls, ref, output_loading_info=True, **kwargs)
-        self.new_modules = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", ())})
+        setattr(model, FRESH_MODULES, sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", ())}))
         return model
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
@@ -188,7 +273,7 @@ class Task:
             for name, child in model.named_children()
             if child is not backbone and any(True for _ in child.parameters())
         ]
-        fresh = [m for m in self.new_modules if not any(m == h or m.startswith(h + ".") for h in heads)]
+        fresh = [m for m in fresh_modules(model) if not any(m == h or m.startswith(h + ".") for h in heads)]
         return heads + fresh
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
@@ -213,10 +298,6 @@ class Task:
         where they are not (QA windows), `encoded` carries the row-to-example mapping and this decodes it."""
         return predictions
 
-    def add_samples(self, predictions: Any, generated: Any) -> Any:
-        """Attach the generated outputs of the first `samples` examples to the per-example predictions."""
-        return predictions
-
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         """One JSON-able row per example for predictions.jsonl."""
         raise NotImplementedError
@@ -230,7 +311,7 @@ class TaskSpec:
     preset_name: str
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> TaskKind:
         return self.cls.kind
 
     @property
@@ -251,6 +332,11 @@ class TaskSpec:
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
+
+
+def fresh_modules(model: torch.nn.Module) -> list[str]:
+    """Modules the model's checkpoint did not have (see `Task.load_pretrained`)."""
+    return list(getattr(model, FRESH_MODULES, []))
 
 
 def register_task(cls: type[Task]) -> type[Task]:

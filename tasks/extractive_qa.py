@@ -21,18 +21,22 @@ Evaluation rows are windows, not questions: each carries its question's index, o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
-from tasks import io
-from tasks.base import Preset, Task, register_task
-from tasks.metrics import squad_scores
+import datasets
+import numpy as np
+import torch
+from transformers import AutoModelForQuestionAnswering, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
-if TYPE_CHECKING:
-    import datasets
-    import torch
+from ftctl import dataio
+from ftctl.errors import FtctlError
+from ftctl.options import option
+from ftctl.vocab import Family, TaskKind
+from tasks.base import ModelFit, Preset, Task, fresh_modules, register_task
+from tasks.metrics import exact_match, squad_scores, token_f1
 
 COLUMNS = ("question", "context", "answers")
 MAX_QUESTION_TOKENS = 64
@@ -83,17 +87,16 @@ def answers_of(value: Any, context: str, where: str, locate: bool) -> tuple[list
 @register_task
 class ExtractiveQaTask(Task):
     name = "extractive-qa"
-    kind = "qa"
+    kind = TaskKind.QA
     description = "answer a question with a span of the given context"
     metrics = ("exact_match", "f1")
     primary_metric = "f1"
-    families = ("encoder", "decoder")
+    families = (Family.ENCODER, Family.DECODER)
     peft_task_type = "QUESTION_ANS"
     auto_model = "AutoModelForQuestionAnswering"
     pipeline_tag = "question-answering"
     Options = QaOptions
     defaults = {"max_length": 384}
-    target_keys = ("start_positions", "end_positions")
     extra_columns = ("example", "offsets", "null_index", "context", "golds")
     presets = {
         "squad": Preset(
@@ -113,18 +116,17 @@ class ExtractiveQaTask(Task):
 
     # ---- data -------------------------------------------------------------------------------------------------
     def read_file(self, path: str, what: str) -> datasets.Dataset:
-        import datasets
 
         if not path.lower().endswith((".json", ".jsonl")):
-            return io.read_table(path, what)
-        rows = io.read_squad(path, what)
+            return dataio.read_table(path, what)
+        rows = dataio.read_squad(path, what)
         for row in rows:  # one layout for every source, so the Arrow table has one schema
             if "answers" in row:
                 texts, starts = answers_of(row["answers"], str(row.get("context", "")), what, locate=False)
                 row["answers"] = {"text": texts, "answer_start": starts}
         return datasets.Dataset.from_list(rows)
 
-    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         for split, ds in splits.items():
             if len(ds) == 0:
                 raise FtctlError(f"{split} data has no questions")
@@ -144,7 +146,7 @@ class ExtractiveQaTask(Task):
                         f"{where} has no answer; SQuAD v1.1 questions all have one (for unanswerable questions "
                         "use --task squad_v2)"
                     )
-        self.state = {"unanswerable": self.unanswerable}
+        return {"unanswerable": self.unanswerable}
 
     def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
         max_length = min(self.cfg.max_length, tokenizer.model_max_length or self.cfg.max_length)
@@ -200,22 +202,21 @@ class ExtractiveQaTask(Task):
         return ds.map(encode_batch, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
 
     # ---- model ------------------------------------------------------------------------------------------------
-    def check_model(self, model_config: Any, family: str) -> None:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
+    def check_model(self, model_config: PretrainedConfig, family: Family) -> ModelFit:
 
-        super().check_model(model_config, family)
+        fit = super().check_model(model_config, family)
         if model_config.model_type not in MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES:
             raise FtctlError(
                 f"model type '{model_config.model_type}' has no question-answering head in transformers; pick an "
                 "encoder (BERT, RoBERTa, ...) or a decoder with one (GPT-2, Llama, Qwen2, ...)"
             )
+        return fit
 
     def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-        from transformers import AutoModelForQuestionAnswering
 
         model = self.load_pretrained(AutoModelForQuestionAnswering, ref, **load_kwargs)
         prefix = model.base_model_prefix
-        if any(m == prefix or m.startswith(prefix + ".") for m in self.new_modules):
+        if any(m == prefix or m.startswith(prefix + ".") for m in fresh_modules(model)):
             # Some QA classes (Llama's) call their backbone `transformer` where causal-LM checkpoints say `model`:
             # the backbone would silently start from random weights. Load it under the name the class uses.
             model = self.load_pretrained(
@@ -227,14 +228,12 @@ class ExtractiveQaTask(Task):
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def reduce_logits(self, logits: Any, labels: Any) -> torch.Tensor:
-        import torch
 
         start, end = logits[0], logits[1]
         return torch.stack([start.float(), end.float()], dim=-1)
 
     def decode(self, predictions: Any, encoded: datasets.Dataset) -> dict[int, dict[str, Any]]:
         """The answer to each question (by example index) from the start/end logits of its windows."""
-        import numpy as np
 
         opts = self.opts
         best: dict[int, dict[str, Any]] = {}
@@ -277,7 +276,6 @@ class ExtractiveQaTask(Task):
         return [answers[i] for i in sorted(answers)]
 
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
-        from tasks.metrics import exact_match, token_f1
 
         rows = []
         for i, (example, answer) in enumerate(zip(raw, predictions, strict=True)):

@@ -15,15 +15,16 @@ model's input there. Generation settings: `--num-beams`, `--max-new-tokens`, `--
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
-from tasks.base import Task
+import datasets
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    import datasets
-    import torch
+from ftctl.errors import FtctlError
+from ftctl.options import option
+from ftctl.vocab import Family, TaskKind
+from tasks.base import ModelFit, Task, fresh_modules
 
 T5_TYPES = ("t5", "mt5", "umt5", "longt5")  # trained with task prefixes ("summarize: ", "translate ...: ")
 
@@ -64,7 +65,6 @@ class GenerationCollator:
         return width
 
     def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-        import torch
 
         width = self._width(rows)
         padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
@@ -97,7 +97,6 @@ class PackingCollator:
     """
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
 
         input_ids: list[int] = []
         labels: list[int] = []
@@ -129,10 +128,10 @@ class GenerationTask(Task):
     """Base of the tasks whose output is text. Subclasses say how an example becomes a prompt and a target
     (`prompt_parts`, `target`), what the references are, and how texts are scored (`score_texts`)."""
 
-    kind = "generation"
+    kind = TaskKind.GENERATION
     has_head = False
     generates = True
-    families = ("encoder-decoder", "decoder")
+    families = (Family.ENCODER_DECODER, Family.DECODER)
     Options = GenerationOptions
     extra_columns = ("references",)
     peft_task_type = "SEQ_2_SEQ_LM"
@@ -142,12 +141,6 @@ class GenerationTask(Task):
     max_new_tokens = 64  # generation length when neither the option nor the preset says
     max_target_length = 128
     encoder_prefix = ""  # T5-family prefix, e.g. "summarize: "
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.family = "encoder-decoder"
-        self.model_type = ""
-        self.tokenizer: Any = None
 
     # ---- what subclasses define -------------------------------------------------------------------------------
     def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
@@ -170,31 +163,39 @@ class GenerationTask(Task):
         return int(value if value is not None else self.preset.facts.get(name, getattr(self, name)))
 
     @property
+    def decoder(self) -> bool:
+        return self.fit.family == Family.DECODER
+
+    @property
     def t5_style(self) -> bool:
-        return self.family == "encoder-decoder" and self.model_type in T5_TYPES
+        return self.fit.family == Family.ENCODER_DECODER and self.fit.model_type in T5_TYPES
+
+    @property
+    def prepared_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise RuntimeError(f"task '{self.preset_name}' is not bound to its tokenizer yet (bind(tokenizer=...))")
+        return self.tokenizer
 
     # ---- model ------------------------------------------------------------------------------------------------
-    def check_model(self, model_config: Any, family: str) -> None:
-        super().check_model(model_config, family)
-        self.family, self.model_type = family, model_config.model_type
-        if family == "decoder":
-            self.peft_task_type, self.auto_model = "CAUSAL_LM", "AutoModelForCausalLM"
-            self.pipeline_tag = self.decoder_pipeline_tag
-            # causal-LM losses sum over response tokens and divide by the count the Trainer passes: exact
-            # token-level normalisation across micro-batches and processes
-            self.loss_counts_items = True
-        if getattr(self.opts, "packing", False) and family != "decoder":
+    def check_model(self, model_config: PretrainedConfig, family: Family) -> ModelFit:
+        fit = super().check_model(model_config, family)
+        if getattr(self.opts, "packing", False) and family != Family.DECODER:
             raise FtctlError(
                 f"--packing concatenates examples in one decoder sequence; {family} models like "
                 f"'{model_config.model_type}' read inputs and targets apart, so drop --packing"
             )
+        if family != Family.DECODER:
+            return fit
+        # causal-LM losses sum over response tokens and divide by the count the Trainer passes: exact token-level
+        # normalisation across micro-batches and processes
+        return ModelFit(family, fit.model_type, "AutoModelForCausalLM", "CAUSAL_LM", self.decoder_pipeline_tag, True)
 
     @property
     def packs(self) -> bool:
         """Training batches are packed (see PackingCollator)."""
-        return bool(getattr(self.opts, "packing", False)) and self.family == "decoder"
+        return bool(getattr(self.opts, "packing", False)) and self.decoder
 
-    def prepare_tokenizer(self, tokenizer: Any, family: str) -> None:
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase, family: Family) -> None:
         if tokenizer.pad_token is None:
             spare = tokenizer.unk_token if tokenizer.unk_token not in (None, tokenizer.eos_token) else None
             if spare is None and tokenizer.eos_token is None:
@@ -202,12 +203,10 @@ class GenerationTask(Task):
             tokenizer.pad_token = spare or tokenizer.eos_token
         if family == "decoder" and tokenizer.eos_token is None:
             raise FtctlError("this decoder's tokenizer has no end-of-sequence token, so it could not learn to stop")
-        self.tokenizer = tokenizer
 
-    def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
 
-        auto = AutoModelForCausalLM if self.family == "decoder" else AutoModelForSeq2SeqLM
+        auto = AutoModelForCausalLM if self.decoder else AutoModelForSeq2SeqLM
         model = self.load_pretrained(auto, ref, **load_kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -218,15 +217,15 @@ class GenerationTask(Task):
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """No head: the language-model output layer is pretrained (and often tied to the embeddings). Only modules
         the checkpoint lacked must train."""
-        return list(self.new_modules)
+        return fresh_modules(model)
 
-    def load_args(self, model_config: Any) -> dict[str, Any]:
+    def load_args(self, model_config: PretrainedConfig) -> dict[str, Any]:
         return {}
 
     # ---- data ---------------------------------------------------------------------------------------------------
-    def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+    def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         max_length = min(self.cfg.max_length, tokenizer.model_max_length or self.cfg.max_length)
-        decoder = self.family == "decoder"
+        decoder = self.decoder
         max_target = self.setting("max_target_length")
         if decoder:  # prompt and target share the decoder's length
             max_target = min(max_target, max_length // 2)
@@ -268,17 +267,17 @@ class GenerationTask(Task):
 
         return ds.map(encode_batch, batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
-    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
+    def collator(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> Any:
         return GenerationCollator(tokenizer.pad_token_id, pad_to_multiple_of)
 
-    def train_collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
+    def train_collator(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> Any:
         if self.packs:
             return PackingCollator()
         return self.collator(tokenizer, pad_to_multiple_of)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def generation_kwargs(self) -> dict[str, Any]:
-        tokenizer = self.tokenizer
+        tokenizer = self.prepared_tokenizer
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.setting("max_new_tokens"),
             "num_beams": self.opts.num_beams,
@@ -292,7 +291,7 @@ class GenerationTask(Task):
 
     def texts(self, generated: Any) -> list[str]:
         """Generated ids (padded with -100 or the pad id) as text, each cut at its first end-of-sequence token."""
-        tokenizer = self.tokenizer
+        tokenizer = self.prepared_tokenizer
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         out = []
         for row in generated:

@@ -8,16 +8,16 @@ normalisation against all gold answers: exact match and F1 (0-100).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
-from launch.errors import FtctlError
+import datasets
+
+from ftctl.errors import FtctlError
 from tasks.base import Preset, register_task
 from tasks.extractive_qa import COLUMNS, ExtractiveQaTask, answers_of
 from tasks.generation import GenerationTask
 from tasks.metrics import squad_scores
-
-if TYPE_CHECKING:
-    import datasets
 
 
 @register_task
@@ -37,7 +37,7 @@ class GenerativeQaTask(GenerationTask):
     }
     read_file = ExtractiveQaTask.read_file
 
-    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         for split, ds in splits.items():
             missing = [c for c in COLUMNS if c not in ds.column_names]
             if missing or len(ds) == 0:
@@ -50,13 +50,14 @@ class GenerativeQaTask(GenerationTask):
                 texts, _ = answers_of(row["answers"], str(row["context"]), f"{split} data, question {i + 1}", False)
                 if not texts:
                     raise FtctlError(f"{split} data, question {i + 1} has no answer; generative QA needs one")
+        return {}
 
     def _answers(self, example: dict[str, Any]) -> list[str]:
         return answers_of(example["answers"], str(example["context"]), "data", locate=False)[0]
 
     def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
         question, context = str(example["question"]).strip(), str(example["context"]).strip()
-        if self.family == "decoder":
+        if self.decoder:
             return "Context: ", context, f"\nQuestion: {question}\nAnswer:"
         return f"question: {question} context: ", context, ""
 

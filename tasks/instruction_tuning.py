@@ -16,17 +16,17 @@ Data:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
+import datasets
+import torch
+
+from ftctl.errors import FtctlError
+from ftctl.options import option
 from tasks.base import Preset, register_task
 from tasks.generation import GenerationOptions, GenerationTask
-
-if TYPE_CHECKING:
-    import datasets
-    import torch
 
 ALPACA_HEAD = (
     "Below is an instruction that describes a task{}. Write a response that appropriately completes the request.\n\n"
@@ -61,7 +61,6 @@ class InstructionTuningTask(GenerationTask):
     description = "follow instructions: learn responses to prompts (supervised fine-tuning)"
     metrics = ("perplexity",)
     primary_metric = "perplexity"
-    greater_is_better = False
     generates = False  # scored by perplexity; sample responses are generated at the end
     Options = InstructionOptions
     defaults = {"max_length": 512}
@@ -74,11 +73,10 @@ class InstructionTuningTask(GenerationTask):
         "alpaca": Preset("Stanford Alpaca, 52k instruction-following examples", hub=("tatsu-lab/alpaca", None)),
     }
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.samples = self.opts.num_samples
+    def sample_count(self) -> int:
+        return int(self.opts.num_samples)
 
-    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         for split, ds in splits.items():
             if len(ds) == 0:
                 raise FtctlError(f"{split} data has no examples")
@@ -90,13 +88,14 @@ class InstructionTuningTask(GenerationTask):
             for i, example in enumerate(ds):
                 if not self.target(example):
                     raise FtctlError(f"{split} data: example {i + 1} has an empty response")
+        return {}
 
     def _chat(self, messages: list[dict[str, str]]) -> tuple[str, str]:
         if not messages or messages[-1].get("role") != "assistant":
             raise FtctlError("chat examples must end with the assistant's message (the response to learn)")
         history, reply = messages[:-1], str(messages[-1].get("content") or "")
-        tokenizer = self.tokenizer
-        if self.family == "decoder" and getattr(tokenizer, "chat_template", None):
+        tokenizer = self.prepared_tokenizer
+        if self.decoder and getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
             if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
                 text = text[len(tokenizer.bos_token) :]  # the tokenizer's own BOS is added once, by encode
@@ -125,11 +124,10 @@ class InstructionTuningTask(GenerationTask):
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def reduce_logits(self, logits: Any, labels: torch.Tensor) -> torch.Tensor:
         """Per example: (summed negative log-likelihood of the response tokens, number of response tokens)."""
-        import torch
 
         if isinstance(logits, tuple):
             logits = logits[0]
-        if self.family == "decoder":  # token t predicts token t + 1
+        if self.decoder:  # token t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
             logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"

@@ -13,7 +13,10 @@ called directly instead.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
 import string
 import warnings
 from collections import Counter
@@ -77,7 +80,7 @@ def sentence_lines(text: str) -> str:
 
 
 def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # deferred: a heavy import (seconds), paid only by the runs that use it
 
     keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
     scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
@@ -109,14 +112,11 @@ def _reader_root(folder: Path) -> Path:
     """`folder` itself when it has a `lexnames` file, else a cached copy of its database plus that file."""
     if (folder / "lexnames").is_file():
         return folder
-    import hashlib
-    import os
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     root = cache / "ftctl" / f"wordnet-{hashlib.sha1(str(folder).encode()).hexdigest()[:10]}"
     if not (root / "lexnames").is_file():
         root.mkdir(parents=True, exist_ok=True)
-        import shutil
 
         # copies, not links: NLTK refuses symbolic and hard links as possible escapes from its data root
         for file in folder.iterdir():
@@ -132,12 +132,14 @@ def _reader_root(folder: Path) -> Path:
 def wordnet() -> Any:
     """A WordNet reader, or None: NLTK's own data first, else the database of Debian's `wordnet-base` package."""
     try:
+        # deferred: a heavy import (seconds), paid only by the runs that use it
         from nltk.corpus import wordnet as nltk_wordnet
 
         nltk_wordnet.ensure_loaded()
         return nltk_wordnet
     except LookupError:
         pass
+    # deferred: a heavy import (seconds), paid only by the runs that use it
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
     class LocalWordNet(WordNetCorpusReader):
@@ -146,7 +148,7 @@ def wordnet() -> Any:
 
     for folder in map(Path, WORDNET_DIRS):
         if (folder / "data.noun").is_file() and (folder / "index.noun").is_file():
-            import nltk
+            import nltk  # deferred: a heavy import (seconds), paid only by the runs that use it
 
             root = _reader_root(folder)
             # NLTK reads corpora only under its data path: allow the database and our `lexnames` beside it
@@ -172,7 +174,7 @@ def _words(text: str) -> list[str]:
 
 def translation_scores(predictions: list[str], references: list[str]) -> tuple[dict[str, float], list[str]]:
     """(corpus BLEU, chrF and, with WordNet, mean sentence METEOR; notes on what could not be computed)."""
-    import sacrebleu
+    import sacrebleu  # deferred: a heavy import (seconds), paid only by the runs that use it
 
     scores = {
         "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
@@ -181,6 +183,7 @@ def translation_scores(predictions: list[str], references: list[str]) -> tuple[d
     reader = wordnet()
     if reader is None:
         return scores, [METEOR_NOTE]
+    # deferred: a heavy import (seconds), paid only by the runs that use it
     from nltk.translate.meteor_score import meteor_score
 
     values = [

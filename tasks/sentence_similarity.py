@@ -7,14 +7,17 @@ GLUE copy calls the score `label`, which is used when the configured column is a
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
-from launch.errors import FtctlError
+import datasets
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from ftctl.errors import FtctlError
+from ftctl.vocab import Family, TaskKind
 from tasks.base import Preset, Task, register_task
-
-if TYPE_CHECKING:
-    import datasets
-    import torch
 
 
 def _score(value: Any, split: str, column: str, row: int) -> float:
@@ -33,11 +36,11 @@ def _score(value: Any, split: str, column: str, row: int) -> float:
 @register_task
 class SentenceSimilarityTask(Task):
     name = "sentence-similarity"
-    kind = "regression"
+    kind = TaskKind.REGRESSION
     description = "score how similar two sentences are (regression)"
     metrics = ("pearson", "spearman", "mse")
     primary_metric = "pearson"
-    families = ("encoder", "decoder")
+    families = (Family.ENCODER, Family.DECODER)
     peft_task_type = "SEQ_CLS"
     auto_model = "AutoModelForSequenceClassification"
     pipeline_tag = "text-classification"
@@ -60,7 +63,7 @@ class SentenceSimilarityTask(Task):
                 del splits[name]  # GLUE's hidden test scores (-1): nothing to score against
         return splits
 
-    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         columns = list(self.cfg.text_column)
         if len(columns) != 2:
             raise FtctlError(
@@ -85,6 +88,7 @@ class SentenceSimilarityTask(Task):
             scores = [_score(v, split, self.cfg.label_column, i) for i, v in enumerate(ds[self.cfg.label_column])]
             if training and split == "train" and len(set(scores)) < 2:
                 raise FtctlError(f"every train score is {scores[0]}; regression needs varied scores")
+        return {}
 
     def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
         first, second = self.cfg.text_column
@@ -109,7 +113,6 @@ class SentenceSimilarityTask(Task):
         return args
 
     def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-        from transformers import AutoModelForSequenceClassification
 
         model = self.load_pretrained(
             AutoModelForSequenceClassification, ref, num_labels=1, problem_type="regression", **load_kwargs
@@ -135,7 +138,7 @@ class SentenceSimilarityTask(Task):
         return logits.float().reshape(-1)
 
     def compute_metrics(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
-        import numpy as np
+        # deferred: a heavy import (seconds), paid only by the runs that use it
         from scipy.stats import pearsonr, spearmanr
 
         predicted, gold = np.asarray(predictions, dtype=float), np.asarray(labels, dtype=float)

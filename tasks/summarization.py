@@ -10,14 +10,15 @@ Data: CSV/TSV/JSON/JSONL/Parquet with a document column (`--text-column`) and a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
+import datasets
+
+from ftctl import dataio
 from tasks.base import Preset, register_task
 from tasks.generation import GenerationTask, require_columns
 from tasks.metrics import rouge_scores
-
-if TYPE_CHECKING:
-    import datasets
 
 
 @register_task
@@ -51,21 +52,20 @@ class SummarizationTask(GenerationTask):
     }
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
-        import datasets
 
-        from tasks import io
 
         if path.lower().endswith(".json"):  # also JSON objects written one after another
-            return datasets.Dataset.from_list(io.read_json_objects(path, what))
-        return io.read_table(path, what)
+            return datasets.Dataset.from_list(dataio.read_json_objects(path, what))
+        return dataio.read_table(path, what)
 
-    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         document, summary = self.cfg.text_column[0], self.cfg.label_column
         require_columns(splits, [document, summary], {document: "--text-column", summary: "--label-column"})
+        return {}
 
     def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
         document = str(example[self.cfg.text_column[0]]).strip()
-        return ("", document, "") if self.family != "decoder" else ("", document, "\n\nSummary:")
+        return ("", document, "") if not self.decoder else ("", document, "\n\nSummary:")
 
     def target(self, example: dict[str, Any]) -> str:
         return str(example[self.cfg.label_column]).strip()

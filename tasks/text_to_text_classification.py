@@ -10,26 +10,27 @@ Metrics: accuracy and macro-F1 over the classes, like the classification task.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
+import datasets
+
+from ftctl.vocab import Family
+from tasks import labels as class_labels
 from tasks.base import Preset, register_task
-from tasks.classification import ClassificationTask, _label
+from tasks.classification import ClassificationTask
 from tasks.generation import GenerationOptions, GenerationTask
-
-if TYPE_CHECKING:
-    import datasets
 
 SUFFIX = "_t2t"
 
 
 @register_task
-class TextToTextClassificationTask(GenerationTask, ClassificationTask):
+class TextToTextClassificationTask(GenerationTask):
     name = "text-to-text-classification"
-    kind = "generation"
     description = "classify by generating the label word (encoder-decoders, T5 style)"
     metrics = ("accuracy", "f1", "invalid")
     primary_metric = "accuracy"
-    families = ("encoder-decoder",)
+    families = (Family.ENCODER_DECODER,)
     Options = GenerationOptions
     defaults = ClassificationTask.defaults
     max_target_length = 8
@@ -44,13 +45,22 @@ class TextToTextClassificationTask(GenerationTask, ClassificationTask):
         for name, preset in ClassificationTask.presets.items()
     }
 
-    # data loading, splitting and label checks are the classification task's
-    clean = ClassificationTask.clean
-    split_off = ClassificationTask.split_off
-    check_data = ClassificationTask.check_data
+    # data reading, splitting and label checks: the same as the classification task's (tasks/labels.py)
+    def clean(self, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+        return class_labels.drop_hidden_test(splits, self.cfg.label_column)
+
+    def split_off(self, train: datasets.Dataset, fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+        class_labels.check_columns({"train": train}, self.cfg.text_column, self.cfg.label_column)
+        return class_labels.stratified_split(train, str(self.cfg.label_column), fraction, self.cfg.seed)
+
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
+        hint = self.preset.facts.get("label_names")
+        return class_labels.check_label_data(
+            self.state, splits, training, self.cfg.text_column, self.cfg.label_column, hint, self.preset_name
+        )
 
     def _words(self) -> list[str]:
-        return [str(n) for n in self.label_names]
+        return [str(n) for n in self.state["label_names"]]
 
     def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
         columns = self.cfg.text_column
@@ -60,14 +70,15 @@ class TextToTextClassificationTask(GenerationTask, ClassificationTask):
         return f"{prefix}sentence: ", str(example[columns[0]]), ""
 
     def _class(self, example: dict[str, Any]) -> int:
-        ids = {v: i for i, v in enumerate(self.state["label_values"])}
-        return ids[_label(example[self.cfg.label_column], "data", self.cfg.label_column, 0)]
+        ids = class_labels.class_ids(self.state)
+        return ids[class_labels.label_of(example[self.cfg.label_column], "data", self.cfg.label_column, 0)]
 
     def target(self, example: dict[str, Any]) -> str:
         return self._words()[self._class(example)]
 
     def generation_kwargs(self) -> dict[str, Any]:
-        longest = max(len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in self._words())
+        tokenizer = self.prepared_tokenizer
+        longest = max(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in self._words())
         return {**super().generation_kwargs(), "max_new_tokens": self.opts.max_new_tokens or longest + 1}
 
     def classes(self, texts: list[str]) -> list[int]:
@@ -76,6 +87,7 @@ class TextToTextClassificationTask(GenerationTask, ClassificationTask):
         return [lookup.get(t.strip().lower(), -1) for t in texts]
 
     def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        # deferred: a heavy import (seconds), paid only by the runs that use it
         from sklearn.metrics import accuracy_score, f1_score
 
         predicted, gold = self.classes(predictions), self.classes([r[0] for r in references])

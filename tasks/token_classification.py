@@ -14,18 +14,21 @@ the score rather than hiding gold entities.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
-from tasks import io
-from tasks.base import Preset, Task, register_task
+import datasets
+import torch
+from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
 
-if TYPE_CHECKING:
-    import datasets
-    import torch
+from ftctl import dataio
+from ftctl.errors import FtctlError
+from ftctl.options import option
+from ftctl.vocab import Family, TaskKind
+from tasks.base import DetailView, ModelFit, Preset, Task, register_task
 
 TABLE_SUFFIXES = (".json", ".jsonl", ".parquet")
 CONLL2003_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
@@ -47,7 +50,7 @@ def _tag_names(feature: Any) -> list[str] | None:
 @register_task
 class TokenClassificationTask(Task):
     name = "token-classification"
-    kind = "tokens"
+    kind = TaskKind.TOKENS
     description = "tag every word of a sentence (named entities, ...)"
     metrics = ("precision", "recall", "f1", "accuracy")
     primary_metric = "f1"
@@ -79,15 +82,15 @@ class TokenClassificationTask(Task):
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
         if Path(path).suffix.lower() in TABLE_SUFFIXES:
-            return io.read_table(path, what)
-        return io.read_conll(path, what, self.token_column, self.cfg.label_column)
+            return dataio.read_table(path, what)
+        return dataio.read_conll(path, what, self.token_column, self.cfg.label_column)
 
     def _tags(self, ds: datasets.Dataset) -> list[list[str]]:
         column = self.cfg.label_column
         names = _tag_names(ds.features.get(column))
         return [[names[t] if names and isinstance(t, int) else str(t) for t in row] for row in ds[column]]
 
-    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         words, tags = self.token_column, self.cfg.label_column
         for split, ds in splits.items():
             if len(ds) == 0:
@@ -120,15 +123,18 @@ class TokenClassificationTask(Task):
                 names = sorted(seen, key=lambda t: (t != "O", t[2:], t))
             if len(names) < 2:
                 raise FtctlError(f"the data has a single tag ({names[0]!r}); token classification needs at least two")
-            self.state = {"label_names": names}
-        known = set(self.label_names)
+            state: Mapping[str, Any] = {"label_names": names}
+        else:
+            state = self.state
+        known = set(state["label_names"])
         for split, ds in splits.items():
             unseen = sorted({t for row in self._tags(ds) for t in row} - known)
             if unseen:
                 raise FtctlError(
                     f"{split} data has tag(s) {', '.join(unseen[:5])} the model was not trained on; known tags: "
-                    f"{', '.join(self.label_names)}"
+                    f"{', '.join(state['label_names'])}"
                 )
+        return state
 
     @property
     def label_names(self) -> list[str]:
@@ -180,26 +186,24 @@ class TokenClassificationTask(Task):
         return ds.map(encode_batch, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
 
     def collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
-        from transformers import DataCollatorForTokenClassification
 
         return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
     # ---- model ------------------------------------------------------------------------------------------------
-    def check_model(self, model_config: Any, family: str) -> None:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+    def check_model(self, model_config: PretrainedConfig, family: Family) -> ModelFit:
 
-        super().check_model(model_config, family)
+        fit = super().check_model(model_config, family)
         if model_config.model_type not in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
             raise FtctlError(
                 f"model type '{model_config.model_type}' has no token-classification head in transformers; pick an "
                 "encoder (BERT, RoBERTa, ...), a decoder (GPT-2, Llama, ...) or T5 (its encoder is used)"
             )
+        return fit
 
     def load_args(self, model_config: Any) -> dict[str, Any]:
         return {"num_labels": len(self.label_names)}
 
     def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-        from transformers import AutoModelForTokenClassification
 
         names = self.label_names
         model = self.load_pretrained(
@@ -232,6 +236,7 @@ class TokenClassificationTask(Task):
         return predicted, gold
 
     def compute_metrics(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
+        # deferred: a heavy import (seconds), paid only by the runs that use it
         from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
 
         predicted, gold = self._word_tags(predictions, encoded)
@@ -243,6 +248,7 @@ class TokenClassificationTask(Task):
         }
 
     def metric_details(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
+        # deferred: a heavy import (seconds), paid only by the runs that use it
         from seqeval.metrics import classification_report
 
         predicted, gold = self._word_tags(predictions, encoded)
@@ -258,6 +264,14 @@ class TokenClassificationTask(Task):
             if not name.endswith(" avg")
         }
         return {"per_entity": per_entity}
+
+    def report_details(self, details: Mapping[str, Any]) -> list[DetailView]:
+        per_entity = details.get("per_entity")
+        if not isinstance(per_entity, dict) or not per_entity:
+            return []
+        kinds = sorted(per_entity)
+        f1 = [per_entity[k].get("f1") for k in kinds]
+        return [DetailView("bars", "F1 per entity type", kinds, f1, "F1")]
 
     def example_predictions(self, predictions: Any, encoded: datasets.Dataset) -> list[list[str]]:
         return self._word_tags(predictions, encoded)[0]

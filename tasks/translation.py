@@ -12,19 +12,19 @@ or a hub dataset.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from launch.errors import FtctlError
-from launch.options import option
-from tasks import io
+import datasets
+
+from ftctl import dataio
+from ftctl.errors import FtctlError
+from ftctl.options import option
 from tasks.base import Preset, register_task
 from tasks.generation import GenerationOptions, GenerationTask
-from tasks.metrics import translation_scores
-
-if TYPE_CHECKING:
-    import datasets
+from tasks.metrics import METEOR_NOTE, translation_scores, wordnet
 
 LANGUAGES = {
     "en": "English",
@@ -82,23 +82,22 @@ class TranslationTask(GenerationTask):
         return f"{source} to {target}"
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
-        import datasets
 
         p = Path(path)
         source, target = self.lang("source"), self.lang("target")
         for own, partner in ((".source", ".target"), (f".{source}", f".{target}")):
             if p.suffix == own:
-                return io.read_parallel(path, what, str(p.with_suffix(partner)), source, target)
+                return dataio.read_parallel(path, what, str(p.with_suffix(partner)), source, target)
         if p.suffix.lower() in (".json", ".jsonl"):
-            return datasets.Dataset.from_list(io.read_json_objects(path, what))
-        return io.read_table(path, what)
+            return datasets.Dataset.from_list(dataio.read_json_objects(path, what))
+        return dataio.read_table(path, what)
 
     def _pair(self, example: dict[str, Any]) -> tuple[str, str]:
         source, target = self.lang("source"), self.lang("target")
         row = example.get("translation") if isinstance(example.get("translation"), dict) else example
         return str(row.get(source) or ""), str(row.get(target) or "")
 
-    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> None:
+    def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         source, target = self.lang("source"), self.lang("target")
         for split, ds in splits.items():
             if len(ds) == 0:
@@ -117,10 +116,11 @@ class TranslationTask(GenerationTask):
             for i, example in enumerate(ds):
                 if not all(self._pair(example)):
                     raise FtctlError(f"{split} data: row {i + 1} has an empty {source} or {target} text")
+        return {}
 
     def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
         text = self._pair(example)[0].strip()
-        if self.family == "decoder":
+        if self.decoder:
             return f"Translate {self.pair}:\n", text, f"\n{LANGUAGES.get(self.lang('target'), self.lang('target'))}:"
         return (f"translate {self.pair}: " if self.t5_style else ""), text, ""
 
@@ -132,6 +132,5 @@ class TranslationTask(GenerationTask):
         return scores
 
     def metric_details(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
-        from tasks.metrics import METEOR_NOTE, wordnet
 
         return {} if wordnet() is not None else {"notes": [METEOR_NOTE]}

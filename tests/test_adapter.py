@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import data_args
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
 from methods.bottleneck import CONFIG, WEIGHTS, BottleneckAdapter, adapter_names, adapter_sites, inject, load_adapter
 
 

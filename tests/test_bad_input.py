@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import data_args
 
-from launch.errors import run_main
+from ftctl.errors import run_main
 
 
 def write(path: Path, text: str) -> Path:

@@ -18,8 +18,8 @@ def parts(models, data, tmp_path, monkeypatch):
 
     def make(*extra: str):
         task = resolve(["--task", "sst2", *data_args(data), *extra], prog="test").task
-        splits = task.load()
-        task.check_data(splits, training=True)
+        splits = task.load().splits
+        task = task.bind(state=task.check_data(splits, training=True))
         return task, splits["train"], AutoTokenizer.from_pretrained(models["bert"])
 
     return make
@@ -54,5 +54,5 @@ def test_the_key_follows_data_tokenizer_and_settings(parts):
     assert cache_key(other_task, other_raw, tokenizer) != key
     tokenizer.pad_token = tokenizer.sep_token
     assert cache_key(task, raw, tokenizer) != key
-    task.state = {**task.state, "label_names": ["bad", "good"]}
+    task = task.bind(state={**task.state, "label_names": ["bad", "good"]})
     assert cache_key(task, raw, tokenizer) != cache_key(*parts())

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from ftctl.dataio import read_table
+from ftctl.errors import FtctlError
 from launch.config import resolve
-from launch.errors import FtctlError
-from tasks.io import read_table
 
 
 def task_for(*argv: str):
@@ -53,12 +53,12 @@ def labelled(tmp_path, labels, name="train.csv", texts=None):
 
 def test_string_labels_sorted_and_int_labels_kept(tmp_path):
     task = task_for("--train-file", labelled(tmp_path, ["pos", "neg", "neutral"] * 4))
-    splits = task.load()
-    task.check_data(splits, training=True)
+    splits = task.load().splits
+    task = task.bind(state=task.check_data(splits, training=True))
     assert task.state["label_names"] == ["neg", "neutral", "pos"]
 
     task = task_for("--train-file", labelled(tmp_path, [3, 1, 5] * 4, "ints.csv"))
-    task.check_data(task.load(), training=True)
+    task = task.bind(state=task.check_data(task.load().splits, training=True))
     assert task.state["label_values"] == [1, 3, 5] and task.state["label_names"] == ["1", "3", "5"]
 
 
@@ -66,21 +66,22 @@ def test_preset_label_names_follow_the_hub_order(tmp_path):
     path = tmp_path / "emotion.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{n}\n" for i, n in enumerate(["joy", "fear", "anger"] * 3)))
     task = resolve(["--task", "emotion", "--train-file", str(path)], prog="test").task
-    task.check_data(task.load(), training=True)
+    task = task.bind(state=task.check_data(task.load().splits, training=True))
     assert task.state["label_names"] == ["sadness", "joy", "love", "anger", "fear", "surprise"]
 
 
 def test_stratified_seeded_validation_split(tmp_path):
     labels = ["a"] * 40 + ["b"] * 10
     task = task_for("--train-file", labelled(tmp_path, labels), "--validation-split", "0.2", "--seed", "3")
-    splits = task.load()
+    splits = task.load().splits
     assert len(splits["validation"]) == 10 and len(splits["train"]) == 40
     assert sorted(splits["validation"]["label"]).count("b") == 2  # stratified: 20% of each class
-    again = task_for("--train-file", labelled(tmp_path, labels), "--validation-split", "0.2", "--seed", "3").load()
+    again = task_for("--train-file", labelled(tmp_path, labels), "--validation-split", "0.2", "--seed", "3")
+    again = again.load().splits
     assert again["validation"]["text"] == splits["validation"]["text"]
     capped = task_for(
         "--train-file", labelled(tmp_path, labels), "--max-train-samples", "7", "--max-eval-samples", "3"
-    ).load()
+    ).load().splits
     assert len(capped["train"]) == 7 and len(capped["validation"]) == 3
 
 
@@ -90,8 +91,8 @@ def test_sentence_pairs_are_encoded_as_pairs(tmp_path, models):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"a": f"good film {i}", "b": "bad plot", "y": i % 2}) + "\n" for i in range(8)))
     task = task_for("--train-file", str(path), "--text-column", "a", "b", "--label-column", "y")
-    splits = task.load()
-    task.check_data(splits, training=True)
+    splits = task.load().splits
+    task = task.bind(state=task.check_data(splits, training=True))
     tokenizer = AutoTokenizer.from_pretrained(models["bert"])
     encoded = task.encode(splits["train"], tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(encoded[0]["input_ids"])
@@ -111,7 +112,7 @@ def test_glue_hidden_test_labels_are_dropped():
 
 def test_metrics_against_hand_computed_values():
     task = task_for()
-    task.state = {"label_names": ["a", "b", "c"], "label_values": ["a", "b", "c"]}
+    task = task.bind(state={"label_names": ["a", "b", "c"], "label_values": ["a", "b", "c"]})
     labels = np.array([0, 0, 1, 1, 2])
     predicted = np.array([0, 1, 1, 1, 0])
     probs = np.eye(3)[predicted]
@@ -131,4 +132,4 @@ def test_label_column_with_lists_is_refused(tmp_path):
     path.write_text("".join(json.dumps({"text": "x", "label": [1, 2]}) + "\n" for _ in range(4)))
     task = task_for("--train-file", str(path))
     with pytest.raises(FtctlError, match="must hold single values"):
-        task.check_data(task.load(), training=True)
+        task.check_data(task.load().splits, training=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from ftctl.errors import FtctlError
+from ftctl.registry import Registry
 from launch.config import resolve
-from launch.errors import FtctlError
-from launch.registry import Registry
 
 
 def resolved(*argv: str):
@@ -97,3 +97,22 @@ def test_every_task_and_method_is_registered():
 
     assert {"classification", "sst2", "imdb", "emotion", "amazon_polarity"} <= set(TASKS)
     assert {"full", "lora", "rslora", "dora", "head", "freeze"} <= set(METHODS)
+
+
+def test_help_shows_defaults_equal_to_zero():
+    from launch.config import build_parser
+
+    text = build_parser("ftctl train").format_help()
+    assert "data-loading worker processes (default: 0)" in " ".join(text.split())
+
+
+def test_a_run_recorded_by_an_older_ftctl_still_loads(capsys):
+    """run.json of an older ftctl may hold options this one does not have: they are left out with a warning (they
+    were a KeyError), while an unknown option given now is still an error."""
+    from launch.config import resolve_values, stored_values
+
+    values = stored_values({"task": "sst2", "method": "lora", "an_option_of_the_past": 3}, "old/run.json")
+    assert "an_option_of_the_past" not in values and resolve_values(values).cfg.task == "sst2"
+    assert "an_option_of_the_past" in capsys.readouterr().err
+    with pytest.raises(FtctlError, match="unknown option 'an_option_of_the_past'"):
+        resolve_values({"task": "sst2", "an_option_of_the_past": 3})

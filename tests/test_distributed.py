@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import cli, read_jsonl, run_json
 
-from launch.errors import run_main
+from ftctl.errors import run_main
 
 TOLERANCE = 1e-4  # relative: the same sums reduced in another order (gloo all-reduce vs one process)
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import REPO, cli
 
-from launch import grid
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
+from launch.studies import grid
 
 FAST = {"epochs": 1, "batch_size": 16, "logging_steps": 4, "report_to": "none", "save_total_limit": 1}
 
@@ -99,7 +99,7 @@ def test_a_failed_cell_is_recorded_and_the_rerun_runs_only_it(models, data, tmp_
         assert row["after"] == {k: v for k, v in scored.items() if k not in ("details", "info", "baseline")}
         assert row["before"] == {k: v for k, v in baseline.items() if k != "details"}
         assert scored["info"]["data"].endswith("(test)")  # scored on the test split, as `ftctl evaluate` does
-    assert (out / "report" / "sst2_confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report" / "sst2_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
     # 3. a finished cell's settings changed in the file: refused before anything runs, with what changed
     write_grid(spec, models, data, output_dir=str(out), methods=["head", "lora"], settings={**FAST, "epochs": 2})
@@ -238,3 +238,26 @@ def test_cells_run_through_the_launcher_with_two_processes(models, data, tmp_pat
     record = json.loads((out / "tinybert__sst2__lora__seed42" / "run.json").read_text())
     assert record["launch"]["num_processes"] == 2
     assert "accelerate.commands.launch" in (out / "logs" / "tinybert__sst2__lora__seed42.log").read_text()
+
+
+def test_planning_refuses_what_training_would_under_the_launchers_deepspeed(models, data, tmp_path):
+    """The grid loads every cell through the run loader, with the launch facts of its launcher options: AdaLoRA under
+    an accelerate DeepSpeed config (ZeRO-2, its stage known only from that config) is refused before anything runs,
+    with training's own message, and LoRA in the same grid is not."""
+    spec = write_grid(
+        tmp_path / "ds.yaml",
+        models,
+        data,
+        methods=["lora", "adalora"],
+        launcher={"accelerate_config": "deepspeed_zero2", "num_processes": 2},
+    )
+    result = grid.main([str(spec), "--output-dir", str(tmp_path / "out"), "--dry-run"])
+    by_method = {c["method"]: c for c in result["cells"]}
+    assert by_method["adalora"]["status"] == "refused", by_method["adalora"]
+    assert "DeepSpeed" in by_method["adalora"]["error"] and "reallocates ranks" in by_method["adalora"]["error"]
+    assert by_method["lora"]["status"] == "pending"
+    assert not (tmp_path / "out").exists()
+    # the same grid without the DeepSpeed launcher plans AdaLoRA to run
+    plain = write_grid(tmp_path / "plain.yaml", models, data, methods=["lora", "adalora"])
+    again = grid.main([str(plain), "--output-dir", str(tmp_path / "out2"), "--dry-run"])
+    assert {c["method"]: c["status"] for c in again["cells"]} == {"lora": "pending", "adalora": "pending"}

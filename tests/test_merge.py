@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import cli, data_args
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
 
 SHORT = [
     "--max-steps",
@@ -59,20 +59,15 @@ def logits(model, tokenizer) -> torch.Tensor:
 
 def fine_tuned(run_dir):
     """The run's model as `ftctl evaluate` loads it (base + adapter, quantized where the run was)."""
-    from launch.config import resolve_values
+    from ftctl.models import load_kwargs, load_tokenizer
+    from launch import runs
     from launch.evaluate import locate
-    from launch.models import load_config, load_kwargs, load_tokenizer, model_family
-    from methods.base import Context
 
     weights, spec = locate(str(run_dir))
-    run = resolve_values(dict(spec["config"]))
-    run.task.state = spec["task_state"]
     base = json.loads((weights / "adapter_config.json").read_text())["base_model_name_or_path"]
-    config = load_config(base)
-    run.task.check_model(config, model_family(config))
+    run = runs.from_record(spec["config"], spec["task_state"], "test", model=base)
     tokenizer = load_tokenizer(str(weights))
-    ctx = Context(cfg=run.cfg, task=run.task, model_config=config, family=model_family(config))
-    kwargs = {**load_kwargs(run.cfg), **run.method.load_kwargs(ctx)}
+    kwargs = {**load_kwargs(run.cfg), **run.method.load_kwargs(run.context())}
     return run.method.load_trained(run.task, str(weights), base, tokenizer, kwargs), tokenizer
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import data_args
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -18,7 +18,8 @@ import pytest
 import torch
 from conftest import data_args, eval_losses, read_jsonl, run_json
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
+from ftctl.facts import LaunchFacts
 from methods import METHODS, matrix
 from methods.matrix import FAMILIES, Cell, TaskShape
 
@@ -108,7 +109,7 @@ def test_matrix_row(method):
 
 
 def test_matrix_table_covers_registered_tasks_and_marks_families_a_task_lacks():
-    rows = {row["method"]: row for row in matrix.table()}
+    rows = {row["method"]: row for row in matrix.table(METHODS.items())}
     assert set(rows) == set(METHODS)
     kinds = {shape.kind for shape in matrix.registered_shapes()}
     assert "classification" in kinds
@@ -138,16 +139,16 @@ def test_list_methods_prints_every_method_with_its_compatibility_row():
 def test_run_time_refusals_name_the_problem_and_the_fix():
     qlora, adalora, llrd = (METHODS.get(n).cls for n in ("qlora", "adalora", "llrd"))
     cell = Cell("encoder", "classification", True, "SEQ_CLS", model_type="bert", task="sst2")
-    zero3 = Cell("encoder", "classification", True, "SEQ_CLS", facts={"device": "cpu", "deepspeed_stage": 3})
+    zero3 = Cell("encoder", "classification", True, "SEQ_CLS", launch=LaunchFacts(device="cpu", deepspeed_stage=3))
     assert "ZeRO-3" in matrix.refusal(qlora, "qlora8", zero3)
     assert matrix.refusal(qlora, "qlora", zero3) is None  # 4-bit shards under ZeRO-3 (quant storage in bf16)
-    nowhere = Cell("encoder", "classification", True, "SEQ_CLS", facts={"device": "meta"})
+    nowhere = Cell("encoder", "classification", True, "SEQ_CLS", launch=LaunchFacts(device="meta"))
     message = matrix.refusal(qlora, "qlora", nowhere)
     assert "bitsandbytes" in message and "use lora" in message
     assert matrix.refusal(qlora, "qlora", cell) is None  # no launch facts: nothing to refuse on
-    ds = Cell("encoder", "classification", True, "SEQ_CLS", facts={"deepspeed_stage": 2})
+    ds = Cell("encoder", "classification", True, "SEQ_CLS", launch=LaunchFacts(deepspeed_stage=2))
     assert "DeepSpeed" in matrix.refusal(adalora, "adalora", ds)
-    own = Cell("encoder", "classification", True, "SEQ_CLS", facts={"deepspeed_optimizer": True})
+    own = Cell("encoder", "classification", True, "SEQ_CLS", launch=LaunchFacts(deepspeed_optimizer=True))
     assert "optimizer" in matrix.refusal(llrd, "llrd", own)
 
 
@@ -176,10 +177,9 @@ def parameters(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("family", "method", "refused", "checkpointed"), cells())
 def test_cell(models, data, tmp_path, family, method, refused, checkpointed):
+    from ftctl.models import load_kwargs
     from launch.evaluate import main as evaluate
-    from launch.models import load_kwargs
     from launch.train import main, setup
-    from methods.base import Context
 
     out = tmp_path / "run"
     argv = ["--task", "sst2", "--method", method, "--model", str(models[family]), *data_args(data, test=False)]
@@ -210,9 +210,8 @@ def test_cell(models, data, tmp_path, family, method, refused, checkpointed):
 
     # the saved result, loaded the way `ftctl evaluate` loads it: exactly the trainable parameters moved
     cfg, task, loaded = before.run.cfg, before.run.task, before.run.method
-    ctx = Context(cfg=cfg, task=task, model_config=before.model_config, family=before.family)
-    kwargs = {**load_kwargs(cfg), **loaded.load_kwargs(ctx)}
-    reloaded = loaded.load_trained(task, str(out), before.model_ref, before.tokenizer, kwargs)
+    kwargs = {**load_kwargs(cfg), **loaded.load_kwargs(before.run.context())}
+    reloaded = loaded.load_trained(task, str(out), before.run.model_ref, before.tokenizer, kwargs)
     after = {n: p.detach() for n, p in reloaded.named_parameters()}
     unchanged = {n for n in trainable if n in after and after[n].shape == initial[n].shape}
     unchanged = {n for n in unchanged if torch.equal(after[n], initial[n])}

@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import data_args
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
 from methods.layers import block_linear_names, embedding_modules, layer_stacks
 
 HEADS = {"bert": ("bert.pooler", "classifier"), "gpt2": ("score",), "llama": ("score",), "t5": ("classification_head",)}

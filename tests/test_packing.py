@@ -8,7 +8,7 @@ import task_data
 import torch
 from conftest import run_json
 
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
 from tasks.generation import GenerationCollator, PackingCollator
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, data_args, run_json
 from safetensors.torch import load_file
 
-from launch.errors import FtctlError, run_main
+from ftctl.errors import FtctlError, run_main
 
 
 def command(models, data, out: Path, *extra: str) -> list[str]:

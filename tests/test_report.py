@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import cli
 
-from launch import report
-from launch.errors import FtctlError
+from ftctl.errors import FtctlError
+from launch.studies import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -230,12 +230,15 @@ def test_report_numbers_equal_the_runs_and_plots_are_pngs(runs: Path, tmp_path: 
     # full fine-tuning was evaluated without --baseline: it shares the LoRA run's (same model, task, data)
     assert sst2["full"]["before"] == sst2["lora"]["before"] and sst2["full"]["baseline_from"].endswith("sst2-lora")
     assert sst2["head"]["before"] is None  # not evaluated: no like-for-like baseline to borrow
-    assert sst2["lora"]["confusion_matrix"]["matrix"] == confusion(["negative", "positive"], 1)["matrix"]
+    assert sst2["lora"]["details"][0]["kind"] == "matrix"
+    assert sst2["lora"]["details"][0]["values"] == confusion(["negative", "positive"], 1)["matrix"]
     assert "| 0.4640 | 0.8160 | +0.3520 |" in md  # accuracy before, after, delta of the LoRA run
     assert tasks["sst2"]["metrics"][:2] == ["accuracy", "f1"]  # the task's own order, main metric first
 
     ner = {r["method"]: r for r in tasks["conll2003"]["rows"]}
-    assert ner["lora"]["per_entity"]["PER"]["f1"] == 0.9243243243243243 and "per_entity" not in ner["head"]
+    bars = ner["lora"]["details"][0]
+    assert bars["kind"] == "bars" and bars["values"][bars["labels"].index("PER")] == 0.9243243243243243
+    assert "details" not in ner["head"]
     assert "| PER | 0.9243 |" in md
 
     summary = {r["method"]: r for r in tasks["summarization"]["rows"]}
@@ -249,8 +252,8 @@ def test_report_numbers_equal_the_runs_and_plots_are_pngs(runs: Path, tmp_path: 
     assert set(computed) >= {"rouge1", "rougeL"} and computed["rougeL"]["after"]["n"] == 30
 
     expected = {
-        "sst2": {"loss", "metrics", "confusion"},
-        "conll2003": {"loss", "metrics", "entities"},
+        "sst2": {"loss", "metrics", "matrix"},
+        "conll2003": {"loss", "metrics", "bars"},
         "summarization": {"loss", "metrics", "scores", "scatter"},
     }
     for name, kinds in expected.items():

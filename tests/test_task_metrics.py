@@ -77,7 +77,7 @@ def test_seqeval_on_hand_made_tags():
     from launch.config import resolve
 
     task = resolve(["--task", "ner"], prog="test").task
-    task.state = {"label_names": ["O", "B-PER", "I-PER", "B-LOC", "B-ORG"]}
+    task = task.bind(state={"label_names": ["O", "B-PER", "I-PER", "B-LOC", "B-ORG"]})
     encoded = {"word_starts": [[1, 2, 3, 5]], "tags": [[1, 2, 0, 3]]}  # sub-word positions of the 4 words
     predictions = np.array([[0, 1, 2, 0, 0, 4, 0]])
     scores = task.compute_metrics(predictions, None, encoded)

@@ -9,8 +9,9 @@ import pytest
 import task_data
 from conftest import data_args
 
+from ftctl.errors import FtctlError, run_main
+from ftctl.vocab import Family
 from launch.config import resolve
-from launch.errors import FtctlError, run_main
 
 
 def task_for(*argv: str):
@@ -19,9 +20,14 @@ def task_for(*argv: str):
 
 def loaded(*argv: str):
     task = task_for(*argv)
-    splits = task.load()
-    task.check_data(splits, training=True)
-    return task, splits
+    splits = task.load().splits
+    return task.bind(state=task.check_data(splits, training=True)), splits
+
+
+def fitted(task, family: Family, model_type: str):
+    """The task bound to a backbone of this family and type, as the run loader binds it."""
+    config = type("Config", (), {"model_type": model_type})()
+    return task.bind(fit=task.check_model(config, family))
 
 
 def tokenizer(models, family: str, task=None):
@@ -60,7 +66,7 @@ def test_ner_labels_on_first_subword_only(models, tmp_path, family):
     assert len(row["word_starts"]) == 2 and row["labels"][row["word_starts"][0]] == ids.index("B-POS")
 
     all_tokens = task_for("--task", "ner", "--train-file", str(path), "--label-all-tokens")
-    all_tokens.state = task.state
+    all_tokens = all_tokens.bind(state=task.state)
     labelled = [x for x in all_tokens.encode(splits["train"], tok)[0]["labels"] if x != -100]
     assert len(labelled) > 2 and ids[labelled[0]] == "B-POS" and ids[labelled[1]] in ("I-POS", "B-POS")
 
@@ -149,7 +155,7 @@ def test_qa_bad_data(tmp_path):
 def test_decoder_learns_the_target_and_eos_only(models, tmp_path, family):
     path = task_data.summaries(tmp_path / "sum.jsonl", 4, 1)
     task, splits = loaded("--task", "summarization", "--train-file", str(path), "--validation-file", str(path))
-    task.family = "decoder"
+    task = fitted(task, Family.DECODER, family)
     tok = tokenizer(models, family, task)
     row = task.encode(splits["train"], tok)[0]
     prompt, labels = row["prompt_ids"], row["labels"]
@@ -168,7 +174,7 @@ def test_decoder_learns_the_target_and_eos_only(models, tmp_path, family):
 def test_encoder_decoder_prefix_and_labels(models, tmp_path):
     path = task_data.translations(tmp_path / "tr.jsonl", 4, 1)
     task, splits = loaded("--task", "wmt16_en_ro", "--train-file", str(path), "--validation-file", str(path))
-    task.family, task.model_type = "encoder-decoder", "t5"
+    task = fitted(task, Family.ENCODER_DECODER, "t5")
     tok = tokenizer(models, "t5", task)
     row = task.encode(splits["train"], tok)[0]
     source = splits["train"][0]["translation"]["en"]
@@ -196,15 +202,14 @@ def test_translation_inputs(tmp_path):
 
 
 def test_instruction_formats(tmp_path):
-    task = task_for("--task", "alpaca")
-    task.family = "decoder"
+    task = fitted(task_for("--task", "alpaca"), Family.DECODER, "llama")
     with_input = {"instruction": "Add", "input": "2 and 3", "output": "5"}
     head, body, tail = task.prompt_parts(with_input)
     assert "### Input:\n" in head and body == "2 and 3" and tail.endswith("### Response:\n")
     assert task.target(with_input) == "5"
     assert "### Input" not in "".join(task.prompt_parts({"instruction": "Hi", "input": "", "output": "x"}))
     chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]}
-    task.tokenizer = type("NoTemplate", (), {"chat_template": None})()
+    task = task.bind(tokenizer=type("NoTemplate", (), {"chat_template": None})())
     assert task.prompt_parts(chat)[1] == "### User:\nhello\n\n### Assistant:\n" and task.target(chat) == "hi there"
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"question": "a", "reply": "b"}) + "\n")

@@ -10,7 +10,7 @@ import pytest
 import task_data
 from conftest import assert_loss_fell, data_args, read_jsonl, run_json
 
-from launch.errors import run_main
+from ftctl.errors import run_main
 
 FAST = [
     "--epochs", "3", "--batch-size", "8", "--logging-steps", "4", "--report-to", "none", "--learning-rate", "5e-3",

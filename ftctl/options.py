@@ -1,7 +1,7 @@
 """Options: each setting is declared once, as a dataclass field, and serves the YAML loader, the command line,
 `--help` and `run.json` alike.
 
-The general run options live in `launch.config.RunConfig`; each task and method declares its own options in its
+The general run options live in `ftctl.config.RunConfig`; each task and method declares its own options in its
 module (e.g. `--lora-r` in `methods/lora.py`), so adding one never touches launch code.
 """
 
@@ -14,7 +14,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from launch.errors import FtctlError, suggest
+from ftctl.errors import FtctlError, suggest
 
 _SCALAR_KINDS = (bool, int, float, str)
 
@@ -155,7 +155,9 @@ def add_options(parser: argparse.ArgumentParser, specs: Iterable[OptionSpec]) ->
     for spec in specs:
         group = groups.get(spec.group) or groups.setdefault(spec.group, parser.add_argument_group(spec.group))
         help_text = spec.help
-        if spec.default not in (None, [], False) and "default" not in help_text:
+        # `is`, not `in`: 0 == False, and a default of 0 is worth showing
+        shown = not (spec.default is None or spec.default is False or spec.default == [])
+        if shown and "default" not in help_text:
             help_text += f" (default: {spec.default})"
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
         if spec.kind is bool:

@@ -11,7 +11,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launch.errors import FtctlError
+import datasets
+import pandas as pd
+
+from ftctl.errors import FtctlError
 
 if TYPE_CHECKING:
     import datasets
@@ -70,8 +73,6 @@ def read_records(path: str, what: str = "data file") -> list[dict[str, Any]]:
 
 def read_table(path: str, what: str = "data file") -> datasets.Dataset:
     """A local CSV/TSV/TXT/JSON/JSONL/Parquet file as a Dataset (text tables keep every cell as a string)."""
-    import datasets
-    import pandas as pd
 
     p = check_file(path, what)
     suffix = p.suffix.lower()
@@ -106,7 +107,6 @@ def read_table(path: str, what: str = "data file") -> datasets.Dataset:
 
 def load_hub(dataset_id: str, config: str | None) -> dict[str, datasets.Dataset]:
     """A hub dataset's splits, under our split names (train, validation, test)."""
-    import datasets
 
     try:
         loaded = datasets.load_dataset(dataset_id, config)
@@ -159,7 +159,6 @@ def read_json_objects(path: str, what: str = "data file") -> list[dict[str, Any]
 def read_conll(path: str, what: str, token_column: str, tag_column: str) -> datasets.Dataset:
     """A CoNLL column file: one token per line (`token POS chunk NER`, whitespace separated; the token is the first
     column and the tag the last), a blank line between sentences, `-DOCSTART-` lines skipped."""
-    import datasets
 
     p = check_file(path, what)
     sentences: list[dict[str, list[str]]] = []
@@ -189,7 +188,6 @@ def read_conll(path: str, what: str, token_column: str, tag_column: str) -> data
 
 def read_parallel(path: str, what: str, partner: str, source_column: str, target_column: str) -> datasets.Dataset:
     """Two line-aligned text files (source and target side) as one table."""
-    import datasets
 
     p, q = check_file(path, what), check_file(partner, f"{what} (target side)")
     sources = p.read_text(encoding="utf-8").splitlines()
@@ -207,7 +205,7 @@ def read_squad(path: str, what: str) -> list[dict[str, Any]]:
     rows = read_json_objects(path, what)
     if not any("paragraphs" in r for r in rows):
         return rows
-    flat = []
+    flat: list[dict[str, Any]] = []
     for article in rows:
         for paragraph in article.get("paragraphs", []):
             context = paragraph.get("context", "")

@@ -1,4 +1,4 @@
-"""Comparison grids: `ftctl grid GRID.yaml` and `python -m launch.grid GRID.yaml` run `main`.
+"""Comparison grids: `ftctl grid GRID.yaml` and `python -m launch.studies.grid GRID.yaml` run `main`.
 
 A grid is the product of its axes (models x tasks x methods x seeds), each cell one ordinary `launch.train` job in
 its own run directory under the grid directory, then scored by `launch.evaluate` (on the test split when the data
@@ -15,24 +15,52 @@ checkpoint (or starts again when it has none), failed cells are tried again.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import fcntl
+import gc
+import hashlib
+import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-from launch.errors import FtctlError, suggest
+import torch
+import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from transformers.trainer_utils import get_last_checkpoint
+
+from ftctl.config import DATA, RUN_SPECS
+from ftctl.errors import FtctlError, suggest
+from ftctl.models import load_config, resolve_model
+from ftctl.options import Parser, coerce
+from launch import configs, launcher, rundir, runs
+from launch.config import all_specs, load_yaml, resolve_values
+from launch.configs import REPO
+from launch.evaluate import main as evaluate
+from launch.progress import EVENTS_FILE, last_event
+from launch.quiet import quiet, quiet_transformers
+from launch.studies import report
+from methods import METHODS
+from tasks import TASKS
 
 GRID_FILE = "grid.json"
 SPEC_COPY = "grid.yaml"
 CONFIGS = "configs"
 LOGS = "logs"
 LOCK = ".grid.lock"
-REPO = Path(__file__).resolve().parent.parent
+
 
 TOP_KEYS = (
     "name",
@@ -128,7 +156,6 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 
 def _options(raw: Any, where: str, specs: dict[str, Any]) -> dict[str, Any]:
     """Option values from the grid file, checked and converted like a `--config` file's keys."""
-    from launch.options import coerce
 
     out: dict[str, Any] = {}
     for key, value in _mapping(raw, where).items():
@@ -160,8 +187,6 @@ def _model_label(ref: str | None) -> str:
 def _axis(data: dict[str, Any], key: str, specs: dict[str, Any], path: str) -> list[AxisValue]:
     """An axis as a list of names or a mapping label -> options (with `task:`/`method:`/`model:` to name what the
     label stands for when it differs from it, e.g. `lora_r4: {method: lora, lora_r: 4}`)."""
-    from methods import METHODS
-    from tasks import TASKS
 
     kind = key[:-1]  # models -> model
     raw = data.get(key)
@@ -205,7 +230,6 @@ def _axis(data: dict[str, Any], key: str, specs: dict[str, Any], path: str) -> l
             elif key == "methods":
                 METHODS.get(name)
             elif name:
-                from launch.models import resolve_model
 
                 name = resolve_model(str(name))  # local directories become absolute, hub ids stay
         except FtctlError as exc:
@@ -237,7 +261,6 @@ def _match(raw: Any, where: str, spec_axes: dict[str, list[AxisValue]]) -> dict[
 
 def load_spec(path: str) -> GridSpec:
     """Read and check a grid file. Raises FtctlError for anything wrong in it; reads no model or data."""
-    from launch.config import all_specs, load_yaml
 
     data = load_yaml(path)
     where = Path(path).name
@@ -336,9 +359,7 @@ def _selected(match: dict[str, list[str]], labels: dict[str, Any]) -> bool:
 def _data_key(values: dict[str, Any], task_option_names: set[str]) -> str:
     """What decides a cell's evaluation data: cells sharing it share one baseline. Without validation or test
     files the validation data is a seeded split of the training data, so the seed is part of it."""
-    import json
 
-    from launch.config import DATA, RUN_SPECS
 
     names = {s.name for s in RUN_SPECS if s.group == DATA} | task_option_names
     if not (values.get("validation_file") or values.get("test_file")):
@@ -352,11 +373,7 @@ def expand(spec: GridSpec) -> list[Cell]:
     An option applies to the cells it can apply to (a run option to all, a task or method option to the cells of
     that task or method); one that applies to none of the cells it selects is an error, with where it belongs.
     """
-    import hashlib
 
-    from launch.config import RUN_SPECS
-    from methods import METHODS
-    from tasks import TASKS
 
     run_names = {s.name for s in RUN_SPECS}
     cells = []
@@ -402,27 +419,20 @@ def expand(spec: GridSpec) -> list[Cell]:
 
 
 # ---- planning: check everything before writing anything ------------------------------------------------------
-def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, num_processes: int) -> None:
-    """Resolve every cell's options, load each model's config once, mark the combinations a method or task refuses,
-    and find what is already on disk (finished, interrupted, changed since it ran). Writes nothing."""
-    from launch import rundir
-    from launch.config import resolve_values
-    from launch.models import check_precision, load_config, model_family, resolve_model
-    from launch.quiet import quiet_transformers
-    from methods.base import Context
+def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, launch_options: dict[str, Any]) -> None:
+    """Load every cell as training would (launch.runs: the same checks, the launch facts of the grid's launcher
+    options, each model's config read once), mark the combinations a method or task refuses, and find what is
+    already on disk (finished, interrupted, changed since it ran). Writes nothing."""
 
     quiet_transformers()
-    import torch
-
-    configs: dict[str, tuple[Any, str]] = {}
+    accelerate = cell_launcher(launch_options)
+    known: dict[str, Any] = {}  # model configs, read once per model: a model that cannot be read stops the grid
     for model in spec.models:
         ref = resolve_model(model.name)
-        config = load_config(ref, bool(model.options.get("trust_remote_code")))
-        configs[model.label] = (config, model_family(config))
-    facts = {"device": "cuda" if torch.cuda.is_available() else "cpu", "num_processes": num_processes}
+        known[ref] = load_config(ref, bool(model.options.get("trust_remote_code")))
     for cell in cells:
         try:
-            run = resolve_values(dict(cell.values))
+            resolved = resolve_values(dict(cell.values))
         except FtctlError as exc:
             raise FtctlError(f"cell {cell.id}: {exc}") from None
         run_dir = grid_dir / cell.id
@@ -432,11 +442,8 @@ def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, num_processes: int) 
         if (run_dir / rundir.RUN_FILE).is_file():  # it ran (perhaps on another machine): keep it
             cell.status = DONE if (run_dir / "eval.json").is_file() else TRAINED
             continue
-        config, family = configs[cell.model.label]
         try:
-            run.task.check_model(config, family)
-            check_precision(run.cfg, config)
-            run.method.check(Context(cfg=run.cfg, task=run.task, model_config=config, family=family, facts=facts))
+            run = runs.load(resolved, runs.launch_facts(resolved.cfg, {}, accelerate), known=known)
         except FtctlError as exc:
             cell.status, cell.error = REFUSED, str(exc)
             continue
@@ -445,36 +452,41 @@ def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, num_processes: int) 
                 raise FtctlError(
                     f"{run_dir} exists and is not an ftctl run directory; move it away to run cell {cell.id}"
                 )
-            cell.resume = _resumable(cell, run, run_dir, config, family, facts)
+            cell.resume = _resumable(cell, run, run_dir)
             cell.status = INTERRUPTED
 
 
-def _resumable(cell: Cell, run: Any, run_dir: Path, config: Any, family: str, facts: dict[str, Any]) -> bool:
+def cell_launcher(launch_options: dict[str, Any]) -> dict[str, Any]:
+    """The accelerate config each cell is launched with (its processes as the grid sets them), as a mapping."""
+
+    config: dict[str, Any] = {}
+    if launch_options.get("accelerate_config"):
+        config = configs.read_accelerate(configs.resolve_accelerate_config(str(launch_options["accelerate_config"])))
+    if launch_options.get("num_processes"):
+        config["num_processes"] = launch_options["num_processes"]
+    return config
+
+
+def _resumable(cell: Cell, run: Any, run_dir: Path) -> bool:
     """An unfinished cell continues from its newest checkpoint, unless it has none, its method cannot resume, or the
     grid file now gives it other options (its checkpoint belongs to another run: it starts again)."""
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from launch import rundir
-    from methods.base import Context
 
     if get_last_checkpoint(str(run_dir)) is None:
         return False
     spec = run_dir / rundir.SPEC_FILE
     if not spec.is_file() or _changed(rundir.read_json(spec, "run spec"), cell.values):
         return False
-    run.cfg.resume = True
+    resuming = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, resume=True))
     try:
-        run.method.check(Context(cfg=run.cfg, task=run.task, model_config=config, family=family, facts=facts))
+        resuming.method.check(resuming.context())
     except FtctlError:
         return False
-    finally:
-        run.cfg.resume = False
     return True
 
 
 def _changed(recorded: dict[str, Any], values: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """The first option whose value in a run's record (`run.json` or `spec.json`) differs from the cell's now."""
-    import json
 
     ran = recorded.get("config", {})
     given = set(recorded.get("explicit", [])) - {"output_dir", "overwrite", "resume", "resume_from"}
@@ -488,7 +500,6 @@ def _changed(recorded: dict[str, Any], values: dict[str, Any]) -> tuple[str, Any
 
 def _check_unchanged(cell: Cell, run_dir: Path) -> None:
     """A finished cell must have run with the options the grid file gives it now; else say what changed."""
-    from launch import rundir
 
     record_path = run_dir / rundir.RUN_FILE
     if not record_path.is_file():
@@ -503,7 +514,6 @@ def _check_unchanged(cell: Cell, run_dir: Path) -> None:
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
-STEP = re.compile(r"^step (\d+)/(\d+)")
 
 
 def _tail(path: Path, size: int = 8192) -> list[str]:
@@ -552,15 +562,12 @@ class Runner:
 
     # ---- state file ------------------------------------------------------------------------------------------
     def _has_baseline(self, cell: Cell) -> bool:
-        from launch import rundir
 
         path = self.dir / cell.id / "eval.json"
         return path.is_file() and "baseline" in rundir.read_json(path, "evaluation")
 
     def _summary(self, cell: Cell) -> dict[str, Any]:
         """The cell's headline numbers for grid.json and the live table (the report has them all)."""
-        from launch import rundir
-        from tasks import TASKS
 
         record = rundir.read_json(self.dir / cell.id / rundir.RUN_FILE, "run record")
         metric = TASKS.get(cell.task.name).cls.primary_metric
@@ -632,7 +639,6 @@ class Runner:
         }
 
     def save(self) -> None:
-        from launch import rundir
 
         rundir.write_json(self.dir / GRID_FILE, self.state())
 
@@ -646,7 +652,6 @@ class Runner:
         if cell.status == INTERRUPTED:
             argv.append("--resume" if cell.resume else "--overwrite")
         if self.launch_options:
-            from launch import launcher
 
             options = {"rendezvous_timeout": 300, **self.launch_options}
             return launcher.build_command(options, argv)
@@ -663,12 +668,7 @@ class Runner:
         """Score the cell with `launch.evaluate.main` in this process: no second start of torch and transformers
         per cell, and evaluation reports no memory or speed figures that another process would have to isolate.
         Its output goes to the cell's log; any failure is the cell's, not the grid's."""
-        import contextlib
-        import gc
-        import shlex
-        import traceback
 
-        from launch.evaluate import main as evaluate
 
         log = self.dir / LOGS / f"{cell.id}.log"
         with log.open("a", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -684,14 +684,12 @@ class Runner:
                 code = 1
             finally:
                 gc.collect()
-                import torch
 
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # the next cell's process gets the memory back
         return code
 
     def _run(self, cell: Cell, cmd: list[str]) -> int:
-        import shlex
 
         log = self.dir / LOGS / f"{cell.id}.log"
         with log.open("a", encoding="utf-8") as out:
@@ -712,17 +710,15 @@ class Runner:
                 while self.proc.poll() is None:
                     time.sleep(0.5)
                     if cell.stage == "train":
-                        found = [m for m in map(STEP.match, _tail(log, 4096)) if m]
-                        if found:
-                            cell.step = (int(found[-1].group(1)), int(found[-1].group(2)))
+                        event = last_event(self.dir / cell.id / EVENTS_FILE)
+                        if event and event.get("max_steps"):
+                            cell.step = (int(event["step"]), int(event["max_steps"]))
                 return self.proc.returncode
             finally:
                 self.proc = None
 
     def run_cell(self, cell: Cell) -> None:
-        import yaml
 
-        from launch import rundir
 
         cell.attempts += 1
         cell.error, cell.step = None, None
@@ -754,7 +750,6 @@ class Runner:
         self.save()
 
     def _failed(self, cell: Cell, stage: str, code: int, clock: float) -> None:
-        from launch import rundir
 
         cell.seconds, cell.stage = time.time() - clock, None
         if self.signals:  # stopped on purpose: the next run continues it (plan() looks at what is on disk)
@@ -808,7 +803,6 @@ def _stop_with_parent() -> None:
     leaves no training running on its own (which would race the next run of the grid for the same directory).
     Linux only; elsewhere the cell finishes by itself."""
     try:
-        import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -829,7 +823,6 @@ class Display:
     }
 
     def __init__(self, runner: Runner):
-        from rich.console import Console
 
         self.runner = runner
         # the terminal as it is now: a cell's evaluation redirects sys.stdout to its log for a while
@@ -838,7 +831,6 @@ class Display:
 
     def __enter__(self) -> Display:
         if self.console.is_terminal:
-            from rich.live import Live
 
             self.live = Live(get_renderable=self.table, console=self.console, refresh_per_second=2)
             self.live.__enter__()
@@ -864,7 +856,6 @@ class Display:
         return f"{s['metric']} {before}{s['after']:.4f}"
 
     def table(self) -> Any:
-        from rich.table import Table
 
         runner = self.runner
         done = sum(c.status == DONE for c in runner.cells)
@@ -908,7 +899,6 @@ class Display:
 
 # ---- entry point ---------------------------------------------------------------------------------------------------
 def build_parser() -> Any:
-    from launch.options import Parser
 
     parser = Parser(
         prog="ftctl grid",
@@ -961,7 +951,6 @@ def _launch_options(spec: GridSpec, opts: dict[str, Any]) -> dict[str, Any]:
         not isinstance(options["num_processes"], int) or options["num_processes"] < 1
     ):
         raise FtctlError(f"launcher num_processes must be a positive integer, got {options['num_processes']!r}")
-    from launch import launcher
 
     if options.get("accelerate_config"):
         launcher.resolve_accelerate_config(str(options["accelerate_config"]))
@@ -977,7 +966,6 @@ class _Lock:
         self.file: Any = None
 
     def __enter__(self) -> _Lock:
-        import fcntl
 
         self.file = self.path.open("a+")
         try:
@@ -993,10 +981,7 @@ class _Lock:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) a grid; returns the grid state written to grid.json."""
-    import shlex
-    import shutil
 
-    from launch.quiet import quiet
 
     quiet()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1007,12 +992,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     launch_options = _launch_options(spec, opts)
     grid_dir = _grid_dir(spec, opts["output_dir"])
     cells = expand(spec)
-    processes = int(launch_options.get("num_processes") or 1)
-    plan(spec, cells, grid_dir, processes)
+    plan(spec, cells, grid_dir, launch_options)
     command = ["ftctl", "grid", *argv]
     runner = Runner(spec, cells, grid_dir, launch_options, command)
 
-    from rich.console import Console
 
     console = Console(highlight=False)
     if opts["dry_run"]:
@@ -1065,7 +1048,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _report(grid_dir: Path, console: Any) -> None:
-    from launch import report
 
     if not (grid_dir / GRID_FILE).is_file():
         return
@@ -1078,6 +1060,6 @@ def _report(grid_dir: Path, console: Any) -> None:
 
 
 if __name__ == "__main__":
-    from launch.errors import run_main
+    from ftctl.errors import run_main
 
     sys.exit(run_main(main))

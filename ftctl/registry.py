@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from launch.errors import FtctlError, suggest
+from ftctl.errors import FtctlError, suggest
 
 T = TypeVar("T")
 

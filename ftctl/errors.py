@@ -30,6 +30,11 @@ def suggest(name: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def warn(message: str) -> None:
+    """A legal but suspicious input, or something the user should know: one `warning:` line on stderr."""
+    print(f"warning: {' '.join(message.split())}", file=sys.stderr)
+
+
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run an entry point; a user error becomes one `error: ...` line on stderr and exit code 2."""
     try:

@@ -1,0 +1,150 @@
+"""One run-loading path: options in, a checked, typed run out.
+
+`ftctl train`, `ftctl evaluate`, `ftctl merge` and grid planning all turn options into a `Run` here: the options
+resolved (`launch.config`), the backbone's config read (no weights), its family found, the task fitted to it, the
+precision checked, the launch facts read (from `--deepspeed`, an accelerate config or the environment accelerate's
+launcher exports) and the method's refusals asked. So they refuse exactly the same things, before anything is
+loaded or written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from ftctl.config import RunConfig
+from ftctl.facts import DataFacts, LaunchFacts
+from ftctl.models import check_precision, load_config, model_family, resolve_model
+from ftctl.vocab import Family
+from launch import configs
+from launch.config import Resolved, resolve, resolve_values, stored_values
+from methods.base import Context, Method
+from tasks.base import Task
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run that passed every check that needs no weights: what train, evaluate, merge and grid planning use."""
+
+    cfg: RunConfig
+    task: Task  # bound to the backbone (`task.fit`) and, for a trained run, to its learnt state
+    method: Method
+    explicit: list[str]  # option names the user set
+    model_ref: str  # the backbone: a local directory (absolute) or a hub id
+    model_config: PretrainedConfig
+    family: Family
+    launch: LaunchFacts = field(default_factory=LaunchFacts)
+
+    @property
+    def resolved(self) -> Resolved:
+        return Resolved(self.cfg, self.task, self.method, self.explicit)
+
+    def flat(self) -> dict[str, Any]:
+        return self.resolved.flat()
+
+    def context(self, data: DataFacts | None = None) -> Context:
+        return Context(self.cfg, self.task, self.model_config, self.family, self.launch, data)
+
+
+def load(
+    resolved: Resolved,
+    launch: LaunchFacts,
+    model: str | None = None,
+    state: Mapping | None = None,
+    known: dict[str, PretrainedConfig] | None = None,
+) -> Run:
+    """Check the model and the combination; `model` overrides the configured backbone (evaluate --model, an
+    adapter's base), `state` is a trained run's task state, `known` caches model configs by reference (a grid
+    reads each model's once)."""
+    cfg = resolved.cfg
+    model_ref = resolve_model(model or cfg.model)
+    if known is not None and model_ref in known:
+        model_config = known[model_ref]
+    else:
+        model_config = load_config(model_ref, cfg.trust_remote_code)
+        if known is not None:
+            known[model_ref] = model_config
+    family = model_family(model_config)
+    task = resolved.task.bind(state=state)
+    task = task.bind(fit=task.check_model(model_config, family))
+    check_precision(cfg, model_config)
+    run = Run(cfg, task, resolved.method, resolved.explicit, model_ref, model_config, family, launch)
+    run.method.check(run.context())
+    return run
+
+
+def from_argv(argv: list[str], prog: str) -> Run:
+    """A training run from its command line (and --config file), launched as this process was."""
+    resolved = resolve(argv, prog)
+    return load(resolved, launch_facts(resolved.cfg))
+
+
+def from_record(
+    config: Mapping[str, Any], state: Mapping[str, Any], where: str, model: str | None = None, **overrides: Any
+) -> Run:
+    """A finished run (or checkpoint) as recorded in its directory, for evaluation or merging: the recorded
+    options (with `overrides`), its task state, on one process without DeepSpeed."""
+    resolved = resolve_values({**stored_values(dict(config), where), **overrides})
+    scoring = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_DEEPSPEED"}  # never under DeepSpeed
+    return load(resolved, launch_facts(resolved.cfg, scoring), model=model, state=state)
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def launch_facts(
+    cfg: RunConfig, env: Mapping[str, str] | None = None, accelerate_config: dict[str, Any] | None = None
+) -> LaunchFacts:
+    """What launched the run, from `--deepspeed`, an accelerate config (given here when a grid plans a cell, read
+    by accelerate's launcher into the environment when the process runs) and the launcher's environment."""
+    env = os.environ if env is None else env
+    launcher = accelerate_config or {}
+    processes = int(env.get("WORLD_SIZE") or launcher.get("num_processes") or 1)
+    machines = int(launcher.get("num_machines") or 1)
+    if "LOCAL_WORLD_SIZE" in env:
+        machines = max(1, processes // max(1, int(env["LOCAL_WORLD_SIZE"])))
+    ds: dict[str, Any] | None = None
+    if cfg.deepspeed:
+        path = configs.deepspeed_config(cfg.deepspeed)
+        ds = configs.deepspeed_settings(configs.read_deepspeed(Path(str(path))))
+    elif str(launcher.get("distributed_type", "")).upper() == "DEEPSPEED":
+        ds = _accelerate_deepspeed(launcher.get("deepspeed_config") or {}, configs.accelerate_deepspeed_file(launcher))
+    elif env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        plugin = {
+            "zero_stage": env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"),
+            "offload_optimizer_device": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
+            "offload_param_device": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"),
+        }
+        ds = _accelerate_deepspeed(plugin, Path(file) if file and file != "None" else None)
+    if ds is not None:
+        kind = "deepspeed"
+    else:
+        kind = "multi" if processes > 1 else "no"
+    return LaunchFacts(
+        num_processes=processes,
+        num_machines=machines,
+        distributed_type=kind,
+        deepspeed_stage=ds["stage"] if ds else None,
+        deepspeed_offload=bool(ds and ds["offload"]),
+        deepspeed_optimizer=bool(ds and ds["optimizer"]),
+        device=device(),
+    )
+
+
+def _accelerate_deepspeed(plugin: Mapping[str, Any], file: Path | None) -> dict[str, Any]:
+    """DeepSpeed settings of an accelerate DeepSpeed plugin: its JSON file where it names one, else its own keys."""
+    if file is not None and file.is_file():
+        return configs.deepspeed_settings(configs.read_deepspeed(file))
+    offload = any(
+        str(plugin.get(key) or "none").lower() not in ("none", "")
+        for key in ("offload_optimizer_device", "offload_param_device")
+    )
+    return {"stage": int(plugin.get("zero_stage") or 0), "offload": offload, "optimizer": False}
