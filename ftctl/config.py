@@ -52,7 +52,11 @@ class RunConfig:
     max_train_samples: int | None = option(None, "use at most this many training examples", group=DATA)
     max_eval_samples: int | None = option(None, "use at most this many validation/test examples", group=DATA)
     validation_split: float = option(
-        0.1, "fraction of the train data held out when no validation data is given", group=DATA
+        0.1,
+        "fraction of the train data held out for validation when no validation data is given; with "
+        "--max-train-samples N, held out beside the N examples in that proportion, at least 100 examples (the data "
+        "allowing); evaluations during training score it, and `ftctl evaluate` the test split if any, else it",
+        group=DATA,
     )
     max_length: int | None = option(None, "truncate inputs to this many tokens (default: per task)", group=DATA)
     token_cache: bool = option(
@@ -180,6 +184,13 @@ class RunConfig:
             raise FtctlError("--resume and --overwrite contradict each other; pick one")
         if self.resume_from and self.overwrite:
             raise FtctlError("--resume-from and --overwrite contradict each other; pick one")
+        if self.output_dir is not None and not self.output_dir.strip():
+            raise FtctlError("--output-dir is empty; give a directory, or leave it out for runs/<task>-<method>-<time>")
+        if self.label_column and self.label_column in self.text_column:
+            raise FtctlError(
+                f"--text-column and --label-column are both '{self.label_column}': the model would read its own label "
+                "(a label leak); choose the column that holds the text"
+            )
         if len(self.text_column) > 2:
             raise FtctlError(f"at most two --text-column values (a sentence pair), got {len(self.text_column)}")
 

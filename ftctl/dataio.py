@@ -7,6 +7,7 @@ as records, Parquet with pyarrow; every failure becomes one clear FtctlError nam
 from __future__ import annotations
 
 import csv
+import errno
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,42 @@ SPLIT_ALIASES = {
 def check_file(path: str, what: str) -> Path:
     p = Path(path)
     if not p.exists():
+        try:
+            p.stat()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FtctlError(
+                    f"{what} {path} is a symbolic link loop (it points back to itself); fix the link"
+                ) from None
         raise FtctlError(f"{what} not found: {path}")
     if not p.is_file():
         raise FtctlError(f"{what} is not a file: {path}")
     if p.stat().st_size == 0:
         raise FtctlError(f"{what} is empty: {path}")
     return p
+
+
+def read_text(p: Path, what: str) -> str:
+    """A text file's content; one clear line when it is not UTF-8, naming where and how to convert it."""
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FtctlError(
+            f"{what} {p} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); convert it, "
+            f"e.g. iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}"
+        ) from None
+
+
+def check_header(p: Path, delimiter: str, what: str) -> None:
+    """Refuse a table with two columns of the same name (pandas would silently rename the second one)."""
+    with p.open(encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader([f.readline()], delimiter=delimiter), [])
+    names = [h.strip() for h in header]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise FtctlError(
+            f"{what} {p} has the column header {', '.join(map(repr, twice))} twice; give each column its own name"
+        )
 
 
 def _sniff_delimiter(p: Path) -> str:
@@ -54,7 +85,7 @@ def _sniff_delimiter(p: Path) -> str:
 def read_records(path: str, what: str = "data file") -> list[dict[str, Any]]:
     """Rows of a JSON array (or `{"data": [...]}`) or a JSON Lines file."""
     p = check_file(path, what)
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, what)
     try:
         if p.suffix == ".jsonl" or (not text.lstrip().startswith("[") and "\n{" in text.strip()):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -85,6 +116,8 @@ def read_table(path: str, what: str = "data file") -> datasets.Dataset:
             frame = pd.read_parquet(p)
         else:
             delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix) or _sniff_delimiter(p)
+            read_text(p, what)  # a clear line for a file that is not UTF-8
+            check_header(p, delimiter, what)
             # GLUE-style TSVs are unquoted; quotes inside sentences are text, not field delimiters.
             quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
             frame = pd.read_csv(
@@ -131,7 +164,7 @@ def read_json_objects(path: str, what: str = "data file") -> list[dict[str, Any]
     """Rows of a JSON array, `{"data": [...]}`, JSON Lines, or JSON objects written one after another (pretty-printed
     or not), as some dataset samples are."""
     p = check_file(path, what)
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, what)
     try:
         return read_records(path, what)
     except FtctlError:
@@ -164,21 +197,28 @@ def read_conll(path: str, what: str, token_column: str, tag_column: str) -> data
     sentences: list[dict[str, list[str]]] = []
     tokens: list[str] = []
     tags: list[str] = []
-    with p.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or fields[0] == "-DOCSTART-":
-                if tokens:
-                    sentences.append({token_column: tokens, tag_column: tags})
-                tokens, tags = [], []
-                continue
-            if len(fields) < 2:
-                raise FtctlError(
-                    f"{what} {path} line {number} has one column ('{line.strip()}'); CoNLL lines hold a token and "
-                    "its tag (`token POS chunk NER`)"
-                )
-            tokens.append(fields[0])
-            tags.append(fields[-1])
+    widths: dict[int, int] = {}  # number of columns -> the first line that has it
+    for number, line in enumerate(read_text(p, what).splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                sentences.append({token_column: tokens, tag_column: tags})
+            tokens, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise FtctlError(
+                f"{what} {path} does not look like a CoNLL file: line {number} has one column "
+                f"('{line.strip()[:40]}'); CoNLL lines hold a token and its tag (`token POS chunk NER`)"
+            )
+        widths.setdefault(len(fields), number)
+        tokens.append(fields[0])
+        tags.append(fields[-1])
+    if len(widths) > 1:  # CoNLL lines all have the same columns; a table's rows split on spaces do not
+        lines = ", ".join(f"line {n}: {w} columns" for w, n in sorted(widths.items(), key=lambda x: x[1])[:2])
+        raise FtctlError(
+            f"{what} {path} does not look like a CoNLL file: its lines have different numbers of columns ({lines}); "
+            "give a CoNLL column file (`token POS chunk NER`), or JSON/JSONL rows with word and tag lists"
+        )
     if tokens:
         sentences.append({token_column: tokens, tag_column: tags})
     if not sentences:
@@ -190,8 +230,8 @@ def read_parallel(path: str, what: str, partner: str, source_column: str, target
     """Two line-aligned text files (source and target side) as one table."""
 
     p, q = check_file(path, what), check_file(partner, f"{what} (target side)")
-    sources = p.read_text(encoding="utf-8").splitlines()
-    targets = q.read_text(encoding="utf-8").splitlines()
+    sources = read_text(p, what).splitlines()
+    targets = read_text(q, what).splitlines()
     if len(sources) != len(targets):
         raise FtctlError(
             f"parallel files {path} and {partner} have {len(sources)} and {len(targets)} lines; they must align"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,10 @@ def load_kwargs(cfg: Any) -> dict[str, Any]:
 
 def check_precision(cfg: Any, model_config: Any) -> None:
     if cfg.precision == "fp16" and model_config.model_type in FP16_UNSAFE:
-        raise FtctlError(f"--precision fp16 overflows to NaN in {model_config.model_type} models (a known issue); use "
-                         "--precision bf16 (or fp32)")
+        raise FtctlError(
+            f"--precision fp16 overflows to NaN in {model_config.model_type} models (a known issue); use "
+            "--precision bf16 (or fp32)"
+        )
 
 
 def from_pretrained(auto_cls: Any, ref: str, **kwargs: Any) -> Any:
@@ -114,9 +117,27 @@ def from_pretrained(auto_cls: Any, ref: str, **kwargs: Any) -> Any:
     local = Path(ref)
     if kwargs.get("use_safetensors") and local.is_dir() and not any(local.glob("*.safetensors")):
         if any(local.glob("*.bin")):
-            raise FtctlError(f"{ref} has only pickle (.bin) weights, which can run code when loaded; convert them to "
-                             "safetensors, or pass --allow-pickle-weights if you trust the source")
+            raise FtctlError(
+                f"{ref} has only pickle (.bin) weights, which can run code when loaded; convert them to "
+                "safetensors, or pass --allow-pickle-weights if you trust the source"
+            )
     try:
         return auto_cls.from_pretrained(ref, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise FtctlError(f"cannot load model weights from '{ref}': {_reason(exc)}") from None
+    except RuntimeError as exc:  # weights whose shapes do not fit: another task's head (a run directory as --model)
+        if "size" not in str(exc) and "mismatch" not in str(exc):
+            raise
+        record = local / "run.json"
+        hint = ""
+        if record.is_file():
+            ran = json.loads(record.read_text(encoding="utf-8"))
+            base = (ran.get("model") or {}).get("hub_id") or (ran.get("model") or {}).get("name_or_path")
+            task = (ran.get("task") or {}).get("preset")
+            hint = (
+                f" ({ref} is an ftctl run of task '{task}', whose head has another shape); start from its base {base}"
+            )
+        raise FtctlError(
+            f"cannot load '{ref}' for this task: its weights do not fit the model's head (a size mismatch){hint}"
+            + ("" if hint else "; start from a base model, not a model fine-tuned for another task")
+        ) from None

@@ -143,6 +143,10 @@ def resolve_values(user: dict[str, Any], specs: dict[str, OptionSpec] | None = N
     values.update(task_spec.run_defaults())
     values.update({k: v for k, v in method_defaults.items() if k in run_names})
     values.update({k: v for k, v in user.items() if k in run_names})
+    if user.get("eval_steps") and "eval_strategy" not in user:  # --eval-steps N alone means: evaluate every N steps
+        values["eval_strategy"] = "steps"
+        if "save_strategy" not in user and "save_steps" not in user:  # and keep the best of them
+            values["save_strategy"], values["save_steps"] = "steps", user["eval_steps"]
     cfg = RunConfig(**with_aliases(values))
 
     task = task_spec.create(cfg, {k: v for k, v in user.items() if k in task_names})

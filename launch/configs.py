@@ -4,6 +4,7 @@ reading it, and what it says about the launch (DeepSpeed stage, offload, process
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,14 @@ from ftctl.errors import FtctlError
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = REPO / "accelerate_configs"
 DS_CONFIGS = REPO / "ds_configs"
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the processes ftctl starts (launcher, grid cells): ftctl's own packages first on the path,
+    and never the current directory ahead of them (PYTHONSAFEPATH), so a user's folder named `tasks/` or
+    `methods/` cannot shadow them."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONSAFEPATH": "1", **(extra or {})}
 
 
 def deepspeed_config(ref: str | None) -> str | None:

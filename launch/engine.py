@@ -12,10 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
@@ -32,6 +40,7 @@ from launch.reliability import (
     agree,
     write_checkpoint_atomically,
 )
+from methods.base import Method
 from tasks.base import SamplesGenerations, Task, TrainsOnOtherBatches
 
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
@@ -114,7 +123,7 @@ def use_liger(cfg: RunConfig) -> bool:
     return usable if cfg.liger_kernel is None else cfg.liger_kernel
 
 
-def best_metric(cfg: RunConfig, task: Any) -> tuple[str, bool]:
+def best_metric(cfg: RunConfig, task: Task) -> tuple[str, bool]:
     metric = cfg.metric_for_best_model or task.primary_metric
     if metric not in (*task.metrics, "loss"):
         raise FtctlError(
@@ -239,7 +248,7 @@ class FtctlTrainer(Trainer):
     method may bring its own parameter groups, evaluation keeps dataset order, and tasks that generate are
     evaluated on generated text (the Seq2SeqTrainer's job, done here for decoders as well; see `prediction_step`)."""
 
-    def __init__(self, *args: Any, task: Any, method: Any, train_collator: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, task: Task, method: Method, train_collator: Any = None, **kwargs: Any):
         self.task = task
         self.method = method
         self.train_collator = train_collator
@@ -414,12 +423,12 @@ class CopySpec(TrainerCallback):
 def build_trainer(
     cfg: RunConfig,
     args: TrainingArguments,
-    task: Any,
-    method: Any,
-    model: Any,
-    tokenizer: Any,
-    train_dataset: Any,
-    eval_dataset: Any,
+    task: Task,
+    method: Method,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset | None,
+    eval_dataset: datasets.Dataset | None,
     run_dir: Path | None = None,
 ) -> FtctlTrainer:
     callbacks: list[Any] = [RichProgress(), GracefulStop(), *method.callbacks()]
@@ -451,13 +460,15 @@ def build_trainer(
     )
 
 
-def sort_by_length(encoded: Any) -> tuple[Any, np.ndarray]:
+def sort_by_length(encoded: datasets.Dataset) -> tuple[datasets.Dataset, np.ndarray]:
     """The split sorted by token length (less padding per batch) and the order used."""
     order = np.argsort(np.asarray(encoded["length"]), kind="stable")
     return encoded.select(order.tolist()), order
 
 
-def score(trainer: FtctlTrainer, task: Any, encoded: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
+def score(
+    trainer: FtctlTrainer, task: Task, encoded: datasets.Dataset
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """(metrics, details, predictions in the split's original order) for one encoded split."""
     ordered, order = sort_by_length(encoded)
     output = trainer.predict(ordered, metric_key_prefix="eval")

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from ftctl.errors import FtctlError, run_main
 from ftctl.models import load_kwargs, load_tokenizer, resolve_model
 from ftctl.options import Parser
-from launch import engine, rundir, runs
+from launch import engine, record, rundir, runs
 from launch.cache import encode_cached
 from launch.console import console, show_metrics
 from launch.quiet import quiet, quiet_transformers
@@ -142,7 +142,7 @@ def evaluation_data(run: runs.Run, opts: dict[str, Any]) -> tuple[datasets.Datas
         raw = task.read_file(opts["data"], "evaluation data")
         if cfg.max_eval_samples:
             raw = raw.select(range(min(len(raw), cfg.max_eval_samples)))
-        split, source = "data", opts["data"]
+        split, source = "evaluation", opts["data"]
     else:
         data = task.load()
         split = opts["split"] or ("test" if "test" in data.splits else "validation")
@@ -198,6 +198,11 @@ def write(
         rundir.write_jsonl(
             Path(f"{stem}_baseline_predictions.jsonl"), run.task.prediction_rows(raw, before.predictions)
         )
+    run_file = output.parent / rundir.RUN_FILE
+    if before is not None and output.name == "eval.json" and run_file.is_file():
+        # the run's own model card gains the before/after results (the Hub shows them from its model-index)
+        card = record.model_card(rundir.read_json(run_file, "run record"), result)
+        rundir.write_text(output.parent / "README.md", card)
 
 
 def locate(run_dir: str) -> tuple[Path, dict[str, Any]]:

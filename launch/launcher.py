@@ -7,7 +7,6 @@ each process runs the same `launch.train.main` with the same training options.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import signal
@@ -20,7 +19,7 @@ import torch
 
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
-from launch.configs import ACCELERATE_CONFIGS, REPO, read_accelerate, resolve_accelerate_config
+from launch.configs import ACCELERATE_CONFIGS, REPO, child_environment, read_accelerate, resolve_accelerate_config
 
 
 def launcher_parser() -> Parser:
@@ -153,7 +152,7 @@ def launch(options: dict[str, Any], train_argv: list[str]) -> int:
     if options.get("dry_run"):
         print(shlex.join(cmd))
         return 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_environment()
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
     relay = StderrRelay(options)
     assert proc.stderr is not None

@@ -25,6 +25,7 @@ from typing import Any
 import datasets
 import torch
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from ftctl.errors import FtctlError
@@ -36,6 +37,7 @@ from launch.runs import Run
 from methods.base import saved_weights, trained_modules
 from tasks.base import LoadedData, Task
 
+CARD_SKIP = ("details", "baseline", "info", "loss")  # not metrics of the model card's results
 NOT_REPEATED = ("output_dir", "overwrite", "resume", "resume_from")  # config.yaml repeats the run elsewhere
 CARD_SETTINGS = (
     "epochs",
@@ -267,23 +269,48 @@ def peak_memory() -> dict[str, float | None]:
 
 
 # ---- the model card ------------------------------------------------------------------------------------------------
-def model_card(run_record: dict[str, Any]) -> str:
-    """README.md of the run directory. Holds no secrets: no tokens, no environment."""
+def card_data(run_record: dict[str, Any], evaluation: dict[str, Any] | None = None) -> ModelCardData:
+    """The card's metadata as the Hub reads it: base model, library, tags, datasets and `model-index` results (the
+    run's validation and test metrics; the zero-shot baseline's too, once `ftctl evaluate --baseline` scored it)."""
+    task, method, model = run_record["task"], run_record["method"], run_record["model"]
+    base = model.get("hub_id") or model["name_or_path"]
+    source = str(run_record["data"]["source"])
+    hub_dataset = source[4:].split("/", 2) if source.startswith("hub:") else None
+    dataset_id = "/".join(hub_dataset[:2]) if hub_dataset else task["preset"]
+    results = []
+    sets = [("validation", run_record.get("metrics")), ("test", run_record.get("test_metrics"))]
+    if evaluation and isinstance(evaluation.get("baseline"), dict):
+        sets.append((f"{evaluation['info']['data']} (zero-shot baseline)", evaluation["baseline"]))
+    for split, metrics in sets:
+        for key, value in scalar_metrics({k: v for k, v in (metrics or {}).items() if k not in CARD_SKIP}).items():
+            results.append(
+                EvalResult(
+                    task_type=task["pipeline_tag"],
+                    dataset_type=dataset_id,
+                    dataset_name=task["preset"],
+                    dataset_split=split,
+                    metric_type=key,
+                    metric_value=float(value),
+                )
+            )
+    return ModelCardData(
+        base_model=base,
+        library_name="peft" if method["peft"] else "transformers",
+        pipeline_tag=task["pipeline_tag"],
+        tags=["ftctl", task["preset"], method["name"]],
+        datasets=[dataset_id] if hub_dataset else None,
+        model_name=f"{Path(str(base)).name}-{task['preset']}-{method['name']}",
+        eval_results=results or None,
+    )
+
+
+def model_card(run_record: dict[str, Any], evaluation: dict[str, Any] | None = None) -> str:
+    """README.md of the run directory: huggingface_hub's card metadata, then the results, the training settings and
+    how to load it. Holds no secrets: no tokens, no environment."""
     task, method, model = run_record["task"], run_record["method"], run_record["model"]
     cfg = run_record["config"]
-    library = "peft" if method["peft"] else "transformers"
     base = model.get("hub_id") or model["name_or_path"]
     lines = [
-        "---",
-        f"library_name: {library}",
-        f"base_model: {base}",
-        f"pipeline_tag: {task['pipeline_tag']}",
-        "tags:",
-        "- ftctl",
-        f"- {task['preset']}",
-        f"- {method['name']}",
-        "---",
-        "",
         f"# {base}: {task['preset']} with {method['name']}",
         "",
         f"Fine-tuned with [ftctl](https://pypi.org/project/ftctl/) on {run_record['data']['source']} "
@@ -294,12 +321,14 @@ def model_card(run_record: dict[str, Any]) -> str:
         "| split | metric | value |",
         "|---|---|---|",
     ]
-    for split, metrics in (
-        ("validation", run_record.get("metrics") or {}),
-        ("test", run_record.get("test_metrics") or {}),
-    ):
-        for key, value in scalar_metrics(metrics).items():
+    for split, metrics in (("validation", run_record.get("metrics")), ("test", run_record.get("test_metrics"))):
+        for key, value in scalar_metrics(metrics or {}).items():
             lines.append(f"| {split} | {key} | {fmt(value)} |")
+    if evaluation and isinstance(evaluation.get("baseline"), dict):
+        lines += ["", f"Before fine-tuning (the untouched base model, on {evaluation['info']['data']}):", "",
+                  "| metric | before | after |", "|---|---|---|"]  # fmt: skip
+        for key, value in scalar_metrics({k: v for k, v in evaluation.items() if k not in CARD_SKIP}).items():
+            lines.append(f"| {key} | {fmt(evaluation['baseline'].get(key))} | {fmt(value)} |")
     lines += [
         "",
         "## Training",
@@ -320,7 +349,7 @@ def model_card(run_record: dict[str, Any]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{card_data(run_record, evaluation).to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def usage(task: dict[str, Any], method: dict[str, Any], model: dict[str, Any]) -> list[str]:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
 
 from ftctl.errors import FtctlError
 
@@ -49,6 +52,13 @@ def check_target(path: str, overwrite: bool, resume: bool) -> None:
         )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise FtctlError(f"cannot write to {path}: {ancestor} is not writable; choose another --output-dir")
+    try:  # permissions can say yes where the filesystem says no (/proc, /sys, read-only mounts): try it
+        tempfile.TemporaryDirectory(dir=ancestor, prefix=".ftctl-probe-").cleanup()
+    except OSError as exc:
+        raise FtctlError(
+            f"cannot create output directory {path}: {ancestor} does not take new directories ({exc.strerror}); "
+            "choose another --output-dir"
+        ) from None
 
 
 def prepare(path: str, overwrite: bool) -> Path:
@@ -67,6 +77,13 @@ def write_json(path: Path, data: Any) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -106,3 +123,44 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def complete_checkpoints(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(checkpoints whose files all read back, newest first; damaged ones with the reason). A checkpoint is complete
+    when its trainer state parses and every safetensors file's header matches its length; the optimizer and RNG
+    files the Trainer writes must be there and non-empty."""
+    found = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    good, bad = [], []
+    for checkpoint in found:
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            bad.append((checkpoint, problem))
+        else:
+            good.append(checkpoint)
+    return good, bad
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"trainer_state.json unreadable ({type(exc).__name__})"
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights and not (checkpoint / "pytorch_model.bin").is_file():
+        return "no weights"
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error types for truncated files
+            return f"{file.name} damaged ({str(exc).splitlines()[0][:80]})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        file = checkpoint / name
+        if file.exists() and file.stat().st_size == 0:
+            return f"{name} is empty"
+    return None

@@ -19,12 +19,15 @@ import torch
 from transformers import PretrainedConfig
 
 from ftctl.config import RunConfig
+from ftctl.errors import FtctlError
 from ftctl.facts import DataFacts, LaunchFacts
 from ftctl.models import check_precision, load_config, model_family, resolve_model
 from ftctl.vocab import Family
 from launch import configs
 from launch.config import Resolved, resolve, resolve_values, stored_values
+from launch.rundir import RUN_FILE, read_json
 from methods.base import Context, Method
+from tasks import TASKS
 from tasks.base import Task
 
 
@@ -64,6 +67,7 @@ def load(
     reads each model's once)."""
     cfg = resolved.cfg
     model_ref = resolve_model(model or cfg.model)
+    check_not_another_tasks_run(model_ref, resolved.task)
     if known is not None and model_ref in known:
         model_config = known[model_ref]
     else:
@@ -77,6 +81,23 @@ def load(
     run = Run(cfg, task, resolved.method, resolved.explicit, model_ref, model_config, family, launch)
     run.method.check(run.context())
     return run
+
+
+def check_not_another_tasks_run(model_ref: str, task: Task) -> None:
+    """A run directory given as the backbone must be of the same task: another task's head (a tagger's classifier
+    for a sentiment run) would be loaded as this task's, silently when the shapes happen to fit."""
+    record = Path(model_ref) / RUN_FILE
+    if not record.is_file():
+        return
+    ran = read_json(record, "run record")
+    preset = (ran.get("task") or {}).get("preset")
+    if isinstance(preset, str) and preset in TASKS and TASKS.get(preset).cls is not type(task):
+        model = ran.get("model") or {}
+        base = model.get("hub_id") or model.get("name_or_path")
+        raise FtctlError(
+            f"--model {model_ref} is an ftctl run of task '{preset}', whose head is not one of task "
+            f"'{task.preset_name}'; start from its base model ({base}), or from a merged model (ftctl merge)"
+        )
 
 
 def from_argv(argv: list[str], prog: str) -> Run:

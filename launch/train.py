@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from ftctl.errors import FtctlError, run_main
+from ftctl.errors import FtctlError, run_main, warn
 from ftctl.facts import DataFacts
 from ftctl.models import load_kwargs, load_tokenizer
 from launch import engine, record, rundir, runs
@@ -145,6 +145,7 @@ def banner(s: Setup) -> list[tuple[str, Any]]:
         ),
         ("learning rate", cfg.learning_rate),
         ("output", cfg.output_dir),
+        *([("resuming from", s.resume_checkpoint)] if s.resume_checkpoint else []),
     ]
 
 
@@ -183,21 +184,34 @@ def raise_if_stopped(trainer: FtctlTrainer, argv: list[str], prog: str) -> None:
 
 
 def resume_point(run: runs.Run) -> str | None:
-    """The checkpoint to continue from (`--resume`: the newest complete one in --output-dir), checked against this
-    run: a checkpoint of a run with another task, method, model or adapter shape is refused."""
+    """The checkpoint to continue from (`--resume`: the newest complete one in --output-dir; damaged ones are skipped,
+    saying so), checked against this run: a checkpoint of a run with another task, method, model or adapter shape is
+    refused, and so is a run that already finished (its run.json is never rewritten)."""
     cfg = run.cfg
+    out = Path(str(cfg.output_dir))
+    if (cfg.resume or cfg.resume_from) and (out / rundir.RUN_FILE).is_file():
+        raise FtctlError(
+            f"--resume: the run in {out} already finished (it has {rundir.RUN_FILE}) and is never rewritten; score it "
+            "with ftctl evaluate, or train again into a new --output-dir"
+        )
     if cfg.resume_from:
         checkpoint = Path(cfg.resume_from)
         if not checkpoint.is_dir():
             raise FtctlError(f"--resume-from: checkpoint directory not found: {cfg.resume_from}")
+        problem = rundir.checkpoint_problem(checkpoint)
+        if problem:
+            raise FtctlError(f"--resume-from: {checkpoint} is damaged ({problem}); resume from another checkpoint")
     elif cfg.resume:
-        out = Path(str(cfg.output_dir))
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
+        good, bad = rundir.complete_checkpoints(out) if out.is_dir() else ([], [])
+        if not good:
+            damaged = f" ({len(bad)} damaged: {bad[0][0].name}, {bad[0][1]})" if bad else ""
             raise FtctlError(
-                f"--resume: no checkpoint in {cfg.output_dir} to continue from; drop --resume to start anew"
+                f"--resume: no checkpoint in {cfg.output_dir} to continue from{damaged}; drop --resume to start anew"
             )
-        checkpoint = Path(last)
+        checkpoint = good[0]
+        for skipped, problem in bad:
+            if int(skipped.name.split("-")[-1]) > int(checkpoint.name.split("-")[-1]):
+                warn(f"skipping {skipped} ({problem}); resuming from the newest complete checkpoint, {checkpoint.name}")
     else:
         return None
     record.check_resumable(run, checkpoint)

@@ -193,7 +193,8 @@ class Task:
             raise FtctlError(f"the data from {source} has no train split")
         splits = self.clean(splits)
         if "validation" not in splits:
-            splits["train"], splits["validation"] = self.split_off(splits["train"], self.cfg.validation_split)
+            pool, fraction = held_out_pool(splits["train"], self.cfg.max_train_samples, self.cfg.validation_split)
+            splits["train"], splits["validation"] = self.split_off(pool, fraction)
         return LoadedData(self.cap(splits), source)
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
@@ -332,6 +333,21 @@ class TaskSpec:
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
+
+
+HELD_OUT_FLOOR = 100  # held-out examples a sampled run is scored on at least (when the data has them)
+
+
+def held_out_pool(train: datasets.Dataset, max_train: int | None, fraction: float) -> tuple[datasets.Dataset, float]:
+    """What the validation split is carved from, and the fraction to carve. Without --max-train-samples: all of the
+    training data, `fraction` of it. With N sampled: the first N + V rows, V in proportion to the sample (V / (N + V)
+    = fraction) but at least HELD_OUT_FLOOR (or what the data has beyond N), so a 200-example run of a 67k-row file
+    is scored on about 100 held-out examples at each evaluation, not on 6,700."""
+    if not max_train or len(train) <= max_train:
+        return train, fraction
+    wanted = max(HELD_OUT_FLOOR, round(max_train * fraction / (1 - fraction)))
+    held_out = min(len(train) - max_train, wanted)
+    return train.select(range(max_train + held_out)), held_out / (max_train + held_out)
 
 
 def fresh_modules(model: torch.nn.Module) -> list[str]:

@@ -32,7 +32,7 @@ from transformers import AutoModelForQuestionAnswering, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
 from ftctl import dataio
-from ftctl.errors import FtctlError
+from ftctl.errors import FtctlError, warn
 from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
 from tasks.base import ModelFit, Preset, Task, fresh_modules, register_task
@@ -136,16 +136,24 @@ class ExtractiveQaTask(Task):
                     f"{split} data has no column(s) {', '.join(missing)}; columns found: {', '.join(ds.column_names)} "
                     "(question answering needs question, context and answers)"
                 )
+            moved = 0
             for i, row in enumerate(ds.select_columns(list(COLUMNS))):
                 where = f"{split} data, question {i + 1}"
                 if not str(row["question"] or "").strip() or not str(row["context"] or "").strip():
                     raise FtctlError(f"{where}: empty question or context")
-                texts, _ = answers_of(row["answers"], row["context"], where, locate=True)
+                given = answers_of(row["answers"], row["context"], where, locate=False)[1]
+                texts, starts = answers_of(row["answers"], row["context"], where, locate=True)
+                moved += sum(g >= 0 and g != s for g, s in zip(given, starts, strict=True))
                 if not texts and not self.unanswerable:
                     raise FtctlError(
                         f"{where} has no answer; SQuAD v1.1 questions all have one (for unanswerable questions "
                         "use --task squad_v2)"
                     )
+            if moved:
+                warn(
+                    f"{split} data: {moved} answer(s) have an answer_start that does not point at their text, which "
+                    "occurs elsewhere in the context; they were re-located to its first occurrence"
+                )
         return {"unanswerable": self.unanswerable}
 
     def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:

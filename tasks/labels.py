@@ -13,7 +13,7 @@ from typing import Any
 
 import datasets
 
-from ftctl.errors import FtctlError
+from ftctl.errors import FtctlError, warn
 
 _INT = re.compile(r"[+-]?\d+")
 
@@ -115,6 +115,7 @@ def learn_labels(train: datasets.Dataset, column: str, hint: list[str] | None, p
     distinct labels of the training data."""
     values = labels_of(train, column, "train data")
     distinct = set(values)
+    warn_near_duplicates(distinct, column)
     if len(distinct) < 2:
         raise FtctlError(
             f"label column '{column}' of the train data has a single class ({next(iter(distinct))!r}); "
@@ -140,6 +141,21 @@ def learn_labels(train: datasets.Dataset, column: str, hint: list[str] | None, p
     return {"label_names": names, "label_values": label_values}
 
 
+def warn_near_duplicates(labels: set[int | str], column: str) -> None:
+    """Labels that differ only in case or spacing (`pos`, `Pos`) are legal, and almost always a data mistake."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        if isinstance(label, str):
+            groups.setdefault(" ".join(label.lower().split()), []).append(label)
+    near = [sorted(g) for g in groups.values() if len(g) > 1]
+    if near:
+        shown = "; ".join(" / ".join(repr(x) for x in g) for g in sorted(near)[:5])
+        warn(
+            f"label column '{column}' has labels that differ only in case or spacing ({shown}); they are different "
+            "classes as given: normalise them in the data if they are the same class"
+        )
+
+
 def check_labels(splits: Mapping[str, datasets.Dataset], column: str, state: Mapping[str, Any]) -> None:
     known = set(state["label_values"])
     for split, ds in splits.items():
@@ -157,8 +173,11 @@ def check_texts(splits: Mapping[str, datasets.Dataset], text_columns: list[str])
             raise FtctlError(f"{split} data has no examples")
         for column in text_columns:
             for i, text in enumerate(ds[column]):
-                if text is None or (isinstance(text, float) and math.isnan(text)):
-                    raise FtctlError(f"{split} data: row {i + 1} has no text in column '{column}'")
+                if text is None or (isinstance(text, float) and math.isnan(text)) or not str(text).strip():
+                    raise FtctlError(
+                        f"{split} data: row {i + 1} has no text in column '{column}' (an empty cell); fill it or "
+                        "remove the row"
+                    )
 
 
 def check_label_data(

@@ -133,3 +133,17 @@ def test_label_column_with_lists_is_refused(tmp_path):
     task = task_for("--train-file", str(path))
     with pytest.raises(FtctlError, match="must hold single values"):
         task.check_data(task.load().splits, training=True)
+
+
+def test_a_sampled_run_holds_out_in_proportion_to_its_sample(tmp_path):
+    """--max-train-samples N without validation data: the held-out split is in proportion to the N examples (at
+    least 100), not a tenth of the whole file, which every evaluation would score."""
+    labels = ["a", "b"] * 2500  # 5,000 rows
+    path = labelled(tmp_path, labels)
+    small = task_for("--train-file", path, "--max-train-samples", "20").load().splits
+    assert len(small["train"]) == 20 and len(small["validation"]) == 100  # the floor (10% of the file: 500)
+    larger = task_for("--train-file", path, "--max-train-samples", "1800").load().splits
+    assert len(larger["train"]) == 1800 and len(larger["validation"]) == 200  # 200 / (1,800 + 200) = 10%
+    whole = task_for("--train-file", path).load().splits
+    assert len(whole["validation"]) == 500
+    assert not set(small["validation"]["text"]) & set(small["train"]["text"])

@@ -157,3 +157,46 @@ def test_checkpoint_directory_evaluates(train):
     result = evaluate([str(checkpoints[0])])
     assert 0 <= result["accuracy"] <= 1
     assert (checkpoints[0] / "eval.json").is_file()
+
+
+def test_training_time_leaves_out_the_evaluations(train, tmp_path):
+    """run.json's cost numbers measure what they name: with an evaluation at every step on a validation set much
+    larger than the training batches, the time spent evaluating is recorded apart, and the report's training time
+    column is the training time alone."""
+    import datasets
+
+    from launch.studies.report import build
+
+    big = tmp_path / "big_validation.jsonl"
+    rows = [{"sentence": f"the film was good and really lovely {i}", "label": 1} for i in range(800)]
+    datasets.Dataset.from_list(rows).to_json(str(big))
+    out = train("--validation-file", str(big), "--max-steps", "4", "--eval-strategy", "steps", "--eval-steps", "1",
+                "--save-strategy", "steps", "--save-steps", "2", "--no-eval-on-start", name="heavy")  # fmt: skip
+    record = run_json(out)
+    assert record["eval_runtime_s"] > record["train_runtime_s"] > 0
+    assert record["train_runtime_s"] + record["eval_runtime_s"] < record["wall_time_s"]
+    assert record["samples_per_second"] == pytest.approx(record["train_samples"] / record["train_runtime_s"])
+    report = build([str(out)], tmp_path / "report")
+    assert report["tasks"][0]["rows"][0]["train_runtime_s"] == record["train_runtime_s"]
+
+
+def test_model_card_is_one_the_hub_reads(train, tmp_path):
+    """README.md is a huggingface_hub model card: base model, library, tags and model-index results with the run's
+    metrics; `ftctl evaluate --baseline` adds the zero-shot baseline's."""
+    from huggingface_hub import ModelCard
+
+    from launch.evaluate import main as evaluate
+
+    out = train("--max-steps", "4", name="card")
+    record = run_json(out)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "peft" and "ftctl" in card.data.tags and "sst2" in card.data.tags
+    assert card.data.base_model == record["model"]["name_or_path"]
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("validation", "accuracy")] == pytest.approx(record["metrics"]["accuracy"])
+    assert results[("test", "f1")] == pytest.approx(record["test_metrics"]["f1"])
+    scored = evaluate([str(out), "--baseline"])
+    card = ModelCard.load(out / "README.md")
+    baseline = {r.metric_type: r.metric_value for r in card.data.eval_results if "baseline" in r.dataset_split}
+    assert baseline["accuracy"] == pytest.approx(scored["baseline"]["accuracy"])
+    assert "Before fine-tuning" in card.text

@@ -145,6 +145,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(train, models, data, tmp_pat
     code = run_main(main, [*base, "--method", "full", "--resume-from", str(checkpoint),
                            "--output-dir", str(tmp_path / "other")])
     assert code == 2 and "trained with method='lora'" in capsys.readouterr().err
+    (run_dir / "run.json").unlink()  # an interrupted run (a finished one is never resumed at all)
     code = run_main(main, [*base, "--method", "lora", "--lora-r", "4", "--output-dir", str(run_dir), "--resume"])
     assert code == 2 and "trained with lora_r=8" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
@@ -173,3 +174,26 @@ def test_fp16_on_t5_is_refused(models, data, tmp_path):
     with pytest.raises(FtctlError, match="fp16 overflows to NaN in t5"):
         setup(["--task", "sst2", "--model", str(models["t5"]), *data_args(data), "--precision", "fp16",
                "--output-dir", str(tmp_path / "out")])
+
+
+def test_resume_on_a_finished_run_is_refused_and_changes_nothing(train, tmp_path):
+    out = train("--max-steps", "4", "--no-eval-on-start", name="done")
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FtctlError, match="already finished .* never rewritten"):
+        train("--max-steps", "4", "--no-eval-on-start", "--resume", name="done")
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(train, tmp_path, capsys):
+    out = train("--save-every", "6", "--max-steps", "12", "--keep-last", "3", "--no-eval-on-start", name="damaged")
+    (out / "run.json").unlink()  # as if the process had died after its last checkpoint
+    newest = out / "checkpoint-12"
+    weights = next(newest.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated mid-write
+    capsys.readouterr()
+    steps = ("--save-every", "6", "--max-steps", "12", "--keep-last", "3", "--no-eval-on-start")
+    train(*steps, "--resume", name="damaged")
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "checkpoint-12" in captured.err and "checkpoint-6" in captured.err
+    assert "resuming from" in captured.out, captured.out
+    assert run_json(out)["global_step"] == 12

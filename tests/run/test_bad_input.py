@@ -234,7 +234,8 @@ def test_evaluate_bad_input(tmp_path, capsys, train, data):
     )
     labels = tmp_path / "labels.csv"
     labels.write_text("sentence,label\na,0\nb,7\n")
-    check_error(capsys, run_main(main, [str(run_dir), "--data", str(labels)]), "not trained on")
+    line = check_error(capsys, run_main(main, [str(run_dir), "--data", str(labels)]), "not trained on")
+    assert line.startswith("error: evaluation data has label(s) 7")  # not "data data"
     check_error(capsys, run_main(main, [str(run_dir), "--batch-size", "0"]), "--batch-size must be greater than 0")
     weights = run_dir / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

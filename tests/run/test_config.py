@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO
 
 from ftctl.errors import FtctlError
 from ftctl.registry import Registry
@@ -91,12 +92,36 @@ def test_registry_refuses_duplicates_and_suggests():
         registry.get("alpah")
 
 
+CATALOGUE_TASKS = {
+    "classification", "sst2", "imdb", "emotion", "amazon_polarity", "ner", "conll2003", "stsb", "squad", "squad_v2",
+    "squad_gen", "summarization", "cnn_dailymail", "xsum", "translation", "wmt16_en_ro", "instruction", "alpaca",
+    "classification_t2t", "sst2_t2t", "imdb_t2t", "emotion_t2t", "amazon_polarity_t2t",
+}  # fmt: skip
+CATALOGUE_METHODS = {
+    "full", "freeze", "head", "llrd", "lora", "rslora", "dora", "qlora", "qlora8", "adalora", "ia3", "prompt_tuning",
+    "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter",
+}  # fmt: skip
+HELPERS = {"tasks": {"base", "labels", "metrics", "generation"}, "methods": {"base", "matrix", "layers", "bottleneck",
+                                                                            "prefix_cache", "qlora"}}  # fmt: skip
+
+
 def test_every_task_and_method_is_registered():
+    """The registries hold exactly the catalogue the README promises, and every task or method module registers
+    something (a module left out of its package's __init__ would register nothing)."""
+    import importlib
+
     from methods import METHODS
     from tasks import TASKS
 
-    assert {"classification", "sst2", "imdb", "emotion", "amazon_polarity"} <= set(TASKS)
-    assert {"full", "lora", "rslora", "dora", "head", "freeze"} <= set(METHODS)
+    assert set(TASKS) == CATALOGUE_TASKS
+    assert set(METHODS) == CATALOGUE_METHODS
+    for package, registry in (("tasks", TASKS), ("methods", METHODS)):
+        owners = {spec.cls.__module__ for _, spec in registry.items()}
+        for path in sorted((REPO / package).glob("*.py")):
+            if path.stem == "__init__" or path.stem in HELPERS[package]:
+                continue
+            importlib.import_module(f"{package}.{path.stem}")
+            assert f"{package}.{path.stem}" in owners, f"{package}/{path.name} registers nothing"
 
 
 def test_help_shows_defaults_equal_to_zero():

@@ -213,18 +213,36 @@ def test_sigint_stops_the_grid_and_reruns_resume_it_cell_by_cell(models, data, t
     assert state(out)["status"] == "completed" and mtimes(run_dir) == lora_files
 
 
-SHARED_DATA = REPO.parent / "shared" / "data"
+def data_files(value, found: list[str]) -> list[str]:
+    """Every `*_file` value of a grid file, wherever it sits (settings, axis options, overrides)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if str(key).endswith("_file") and isinstance(item, str):
+                found.append(item)
+            else:
+                data_files(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            data_files(item, found)
+    return found
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the example grids read ../shared/data")
 @pytest.mark.parametrize(
     "path",
     sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("recipes/*.yaml"), REPO / "bench" / "grid_example.yaml"]),
 )
-def test_example_grids_are_valid(path, monkeypatch):
-    """Every key, option and data file of the shipped grid files is right (no model is loaded: most are on the hub)."""
-    monkeypatch.chdir(REPO)
-    spec = grid.load_spec(path)
+def test_example_grids_are_valid(path, tmp_path, monkeypatch):
+    """Every key and option of the shipped grid files is right. Their data files (the benchmark data beside the
+    repository, ../shared/data) are stood in for by placeholder files at the same relative paths, so the check
+    runs on any clone; no model is loaded (most are on the hub)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in data_files(yaml.safe_load((REPO / path).read_text()), []):
+        placeholder = (work / name).resolve()
+        placeholder.parent.mkdir(parents=True, exist_ok=True)
+        placeholder.write_text("placeholder\n")
+    monkeypatch.chdir(work)
+    spec = grid.load_spec(str(REPO / path))
     cells = grid.expand(spec)
     assert len(cells) == len(spec.models) * len(spec.tasks) * len(spec.methods) * len(spec.seeds)
 

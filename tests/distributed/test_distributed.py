@@ -16,6 +16,8 @@ from conftest import cli, read_jsonl, run_json
 
 from ftctl.errors import run_main
 
+pytestmark = pytest.mark.distributed  # every test here starts several training processes
+
 TOLERANCE = 1e-4  # relative: the same sums reduced in another order (gloo all-reduce vs one process)
 
 

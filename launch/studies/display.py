@@ -1,0 +1,105 @@
+"""What a running grid shows: a live table in a terminal (progress read from each run's events.jsonl), one line per
+cell start and end otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from launch.studies.spec import DONE, EXCLUDED, FAILED, INTERRUPTED, PENDING, REFUSED, TRAINED, Cell
+
+if TYPE_CHECKING:  # annotations only: the runner builds its display
+    from launch.studies.runner import Runner
+
+
+class Display:
+    """A live rich table in a terminal; one line per cell start and end otherwise (logs, CI)."""
+
+    STYLE = {
+        DONE: "green",
+        FAILED: "red",
+        REFUSED: "yellow",
+        EXCLUDED: "dim",
+        INTERRUPTED: "magenta",
+        TRAINED: "cyan",
+        PENDING: "",
+    }
+
+    def __init__(self, runner: Runner):
+
+        self.runner = runner
+        # the terminal as it is now: a cell's evaluation redirects sys.stdout to its log for a while
+        self.console = Console(file=sys.stdout, highlight=False)
+        self.live: Any = None
+
+    def __enter__(self) -> Display:
+        if self.console.is_terminal:
+
+            self.live = Live(get_renderable=self.table, console=self.console, refresh_per_second=2)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def _status(self, cell: Cell) -> str:
+        if cell.stage == "train":
+            return f"training {cell.step[0]}/{cell.step[1]}" if cell.step else "training (starting)"
+        if cell.stage == "evaluate":
+            return "evaluating"
+        return cell.status
+
+    @staticmethod
+    def _metric(cell: Cell) -> str:
+        s = cell.summary
+        if "after" not in s or s.get("after") is None:
+            return ""
+        before = f"{s['before']:.4f} -> " if isinstance(s.get("before"), (int, float)) else ""
+        return f"{s['metric']} {before}{s['after']:.4f}"
+
+    def table(self) -> Any:
+
+        runner = self.runner
+        done = sum(c.status == DONE for c in runner.cells)
+        total = sum(c.status not in (REFUSED, EXCLUDED) for c in runner.cells)
+        elapsed = time.time() - runner.clock
+        table = Table(
+            title=f"grid {runner.spec.name}: {done}/{total} cells done, {elapsed:.0f} s", title_justify="left"
+        )
+        for column in ("model", "task", "method", "seed", "status", "time", "result"):
+            table.add_column(column, overflow="fold")
+        for cell in runner.cells:
+            style = "bold" if cell.stage else self.STYLE.get(cell.status, "")
+            seconds = time.time() - cell.started if cell.stage and cell.started else cell.seconds
+            result = self._metric(cell) or (cell.error or "")[:100]
+            table.add_row(
+                cell.model.label,
+                cell.task.label,
+                cell.method.label,
+                str(cell.seed),
+                self._status(cell),
+                f"{seconds:.0f} s" if seconds else "",
+                result,
+                style=style,
+            )
+        return table
+
+    def event(self, cell: Cell, what: str) -> None:
+        if self.live is not None:
+            return
+        runner = self.runner
+        position = runner.cells.index(cell) + 1
+        if what == "start":
+            self.console.print(f"[{position}/{len(runner.cells)}] {cell.id}: running", markup=False)
+        else:
+            outcome = self._metric(cell) if cell.status == DONE else (cell.error or cell.status)
+            took = f" in {cell.seconds:.0f} s" if cell.seconds else ""
+            self.console.print(
+                f"[{position}/{len(runner.cells)}] {cell.id}: {cell.status}{took}: {outcome}", markup=False
+            )
