@@ -5,7 +5,7 @@ DEMO_DIR ?= runs/demo-sst2-lora
 # the run layer: everything in launch/ but the study layer and the CLI (pyproject.toml, import-linter contract)
 RUN_LAYER := $(filter-out launch/cli.py,$(wildcard launch/*.py))
 
-.PHONY: setup demo test test-slow test-all lint bench clean
+.PHONY: setup demo test test-slow test-all lint wheel-check bench clean
 
 setup:
 	@./scripts/setup.sh
@@ -31,6 +31,10 @@ lint: setup
 	$(BIN)/ruff check ftctl launch tasks methods tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy ftctl $(RUN_LAYER)
+
+# The wheel installed in a fresh virtualenv works from any directory (scripts/wheel_check.sh).
+wheel-check: setup
+	./scripts/wheel_check.sh
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -45,8 +45,9 @@ def _looks_local(ref: str) -> bool:
 
 
 def resolve_model(ref: str | None) -> str:
-    """A local directory (checked) or a hub id (left for from_pretrained); None means the embedded MiniLM."""
-    if not ref:
+    """A local directory (checked) or a hub id (left for from_pretrained); None means the embedded MiniLM, and so
+    does its hub id where the embedded copy is installed (run directories name the hub id, so they load anywhere)."""
+    if not ref or (ref == EMBEDDED_HUB_ID and importlib.util.find_spec(EMBEDDED_PACKAGE) is not None):
         return embedded_model_dir()
     if _looks_local(ref):
         path = Path(ref).expanduser()

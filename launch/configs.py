@@ -3,6 +3,7 @@ reading it, and what it says about the launch (DeepSpeed stage, offload, process
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from pathlib import Path
@@ -12,9 +13,19 @@ import yaml
 
 from ftctl.errors import FtctlError
 
-REPO = Path(__file__).resolve().parent.parent
-ACCELERATE_CONFIGS = REPO / "accelerate_configs"
-DS_CONFIGS = REPO / "ds_configs"
+REPO = Path(__file__).resolve().parent.parent  # the source checkout, or site-packages when installed
+
+
+def shipped(folder: str) -> Path:
+    """A folder of files ftctl ships (`ds_configs`, `accelerate_configs`, `recipes`): data-only packages of the
+    distribution, found through importlib.resources wherever ftctl is installed (the repository's own folder in a
+    checkout or an editable install)."""
+    return Path(str(importlib.resources.files(folder)))
+
+
+ACCELERATE_CONFIGS = shipped("accelerate_configs")
+DS_CONFIGS = shipped("ds_configs")
+RECIPES = shipped("recipes")
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -75,8 +86,16 @@ def accelerate_deepspeed_file(config: dict[str, Any]) -> Path | None:
     ref = (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
     if not ref:
         return None
+    return shipped_deepspeed(str(ref))
+
+
+def shipped_deepspeed(ref: str) -> Path:
+    """A DeepSpeed file an accelerate config names: the path as given when it exists, else the shipped file of that
+    name (the shipped accelerate configs name `ds_configs/<file>`, relative to the repository)."""
     path = Path(ref)
-    return path if path.is_file() or not (REPO / ref).is_file() else REPO / ref
+    if path.is_file() or path.parent.name != DS_CONFIGS.name or not (DS_CONFIGS / path.name).is_file():
+        return path
+    return DS_CONFIGS / path.name
 
 
 def deepspeed_settings(config: dict[str, Any]) -> dict[str, Any]:

@@ -430,8 +430,9 @@ def build_trainer(
     train_dataset: datasets.Dataset | None,
     eval_dataset: datasets.Dataset | None,
     run_dir: Path | None = None,
+    extra_callbacks: tuple[TrainerCallback, ...] = (),
 ) -> FtctlTrainer:
-    callbacks: list[Any] = [RichProgress(), GracefulStop(), *method.callbacks()]
+    callbacks: list[Any] = [RichProgress(), GracefulStop(), *method.callbacks(), *extra_callbacks]
     if run_dir is not None:
         callbacks.append(CopySpec(run_dir / "spec.json"))
         callbacks.append(EventLog(run_dir / EVENTS_FILE))

@@ -19,7 +19,13 @@ import torch
 
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
-from launch.configs import ACCELERATE_CONFIGS, REPO, child_environment, read_accelerate, resolve_accelerate_config
+from launch.configs import (
+    ACCELERATE_CONFIGS,
+    child_environment,
+    read_accelerate,
+    resolve_accelerate_config,
+    shipped_deepspeed,
+)
 
 
 def launcher_parser() -> Parser:
@@ -76,8 +82,8 @@ def build_command(options: dict[str, Any], train_argv: list[str]) -> list[str]:
         config = read_accelerate(path)
         cmd += ["--config_file", str(path)]
         ds_file = (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
-        if ds_file and not Path(ds_file).is_file() and (REPO / ds_file).is_file():
-            cmd += ["--deepspeed_config_file", str(REPO / ds_file)]  # the shipped configs name repo-relative paths
+        if ds_file and not Path(ds_file).is_file() and shipped_deepspeed(ds_file).is_file():
+            cmd += ["--deepspeed_config_file", str(shipped_deepspeed(ds_file))]  # shipped configs name shipped files
     processes = options.get("num_processes") or config.get("num_processes") or 1
     machines = options.get("num_machines") or config.get("num_machines") or 1
     if machines > processes:
@@ -177,7 +183,9 @@ class StderrRelay:
     # c10d/torch-elastic log lines and C++ stack dumps: noise once the failure is explained in one line
     NOISE = re.compile(
         r"^((\[rank\d+\]:)?\[[WI]\d{4} |\[?[EWIF]\d{4} \d\d:\d\d:\d\d|frame #\d+:|Exception raised from "
-        r"|<omitting python frames>)"
+        r"|<omitting python frames>"
+        # accelerate's notice that it picked another free port (another launch holds the default): it then works
+        r"|.*UserWarning: Port `\d+` is already in use|\s+warnings\.warn\(\s*$)"
     )
 
     def __init__(self, options: dict[str, Any]):

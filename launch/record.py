@@ -10,6 +10,7 @@ loading and saving (`wall_time_s` is the whole process).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -30,7 +31,7 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from ftctl.errors import FtctlError
 from ftctl.models import EMBEDDED_HUB_ID, EMBEDDED_NAME, is_embedded
-from launch import engine, rundir
+from launch import engine, rundir, tracking
 from launch.console import console, fmt, scalar_metrics, show_metrics
 from launch.engine import FtctlTrainer
 from launch.runs import Run
@@ -111,6 +112,16 @@ class Facts:
     tokens: dict[str, Any]  # token slots, real tokens and padding fraction (FtctlTrainer.token_counts)
 
 
+def tracker(run: Run, run_dir: Path) -> tracking.MlflowRun | None:
+    """The MLflow run's recorder, when the run reports to MLflow."""
+    if "mlflow" not in run.cfg.report_to:
+        return None
+    task = run.task
+    tags = {"ftctl.task": task.name, "ftctl.preset": task.preset_name, "ftctl.model": run.model_ref,
+            "ftctl.method": run.method.variant, "ftctl.seed": str(run.cfg.seed)}  # fmt: skip
+    return tracking.MlflowRun(run.flat(), tags, run_dir)
+
+
 def spec(run: Run) -> dict[str, Any]:
     """spec.json: what the run is, enough to evaluate or resume a checkpoint."""
     return {
@@ -140,6 +151,7 @@ def commit(facts: Facts, scores: Scores, clock: Clock, staging: Path, run_dir: P
     """Write the final files into `staging`, move them into the run directory, then write run.json (last: its
     presence means the run completed). Main process only."""
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer adds; run.json has it all
+    name_base_portably(staging, facts.run.model_ref)
     facts.tokenizer.save_pretrained(str(staging))
     run_record = run_json(facts, scores, clock, staging)
     (staging / "README.md").write_text(model_card(run_record), encoding="utf-8")
@@ -158,6 +170,18 @@ def commit(facts: Facts, scores: Scores, clock: Clock, staging: Path, run_dir: P
         f"{run_dir}\nscore it: ftctl evaluate {run_dir} --baseline"
     )
     return run_record
+
+
+def name_base_portably(saved: Path, model_ref: str) -> None:
+    """An adapter names its base by the path it was trained from; for the embedded MiniLM (a path inside this
+    installation) name its hub id instead, which plain transformers/peft code loads anywhere and ftctl resolves to
+    its embedded copy."""
+    config_path = saved / "adapter_config.json"
+    if not config_path.is_file() or not is_embedded(model_ref):
+        return
+    config = rundir.read_json(config_path, "adapter config")
+    config["base_model_name_or_path"] = EMBEDDED_HUB_ID
+    rundir.write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[str, Any]:
@@ -360,7 +384,7 @@ def usage(task: dict[str, Any], method: dict[str, Any], model: dict[str, Any]) -
             "from peft import PeftModel",
             f"from transformers import {auto}, AutoTokenizer",
             "",
-            f'base = {auto}.from_pretrained("{model["name_or_path"]}"{extra})',
+            f'base = {auto}.from_pretrained("{model.get("hub_id") or model["name_or_path"]}"{extra})',
             'model = PeftModel.from_pretrained(base, "<this directory>")',
         ]
     return [

@@ -23,7 +23,7 @@ from ftctl.errors import FtctlError
 from ftctl.facts import DataFacts, LaunchFacts
 from ftctl.models import check_precision, load_config, model_family, resolve_model
 from ftctl.vocab import Family
-from launch import configs
+from launch import configs, tracking
 from launch.config import Resolved, resolve, resolve_values, stored_values
 from launch.rundir import RUN_FILE, read_json
 from methods.base import Context, Method
@@ -78,6 +78,11 @@ def load(
     task = resolved.task.bind(state=state)
     task = task.bind(fit=task.check_model(model_config, family))
     check_precision(cfg, model_config)
+    if launch.deepspeed_offload and launch.device == "cpu":
+        raise FtctlError(
+            "the DeepSpeed config offloads optimizer states or parameters to the CPU, and this machine has no GPU to "
+            "offload from (everything is on the CPU already); use zero2 or zero3 without offload"
+        )
     run = Run(cfg, task, resolved.method, resolved.explicit, model_ref, model_config, family, launch)
     run.method.check(run.context())
     return run
@@ -103,6 +108,7 @@ def check_not_another_tasks_run(model_ref: str, task: Task) -> None:
 def from_argv(argv: list[str], prog: str) -> Run:
     """A training run from its command line (and --config file), launched as this process was."""
     resolved = resolve(argv, prog)
+    tracking.check_available(resolved.cfg.report_to)
     return load(resolved, launch_facts(resolved.cfg))
 
 

@@ -63,8 +63,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
 
     run_dir = open_run_dir(s)  # from here on, the run directory is written
     validation = engine.sort_by_length(s.encoded["validation"])[0]  # evaluation in length order: less padding
+    tracker = record.tracker(s.run, run_dir)  # MLflow: options, tags and final metrics beside the Trainer's logs
     trainer = engine.build_trainer(
-        s.run.cfg, s.args, s.run.task, s.run.method, s.model, s.tokenizer, s.encoded["train"], validation, run_dir
+        s.run.cfg,
+        s.args,
+        s.run.task,
+        s.run.method,
+        s.model,
+        s.tokenizer,
+        s.encoded["train"],
+        validation,
+        run_dir,
+        tuple(t for t in (tracker,) if t is not None),
     )
     with clock.training():
         result = trainer.train(resume_from_checkpoint=s.resume_checkpoint)
@@ -81,6 +91,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
             s.run, s.args, s.tokenizer, s.data, s.model, s.speed_ups, s.counts, result, trainer, tokens
         )
         record.commit(facts, scores, clock, staging, run_dir)
+        if tracker is not None:
+            tracker.finish(scores.metrics, scores.test_metrics)
     trainer.accelerator.wait_for_everyone()
     leave_process_group()
     return scores.metrics

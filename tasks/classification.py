@@ -121,7 +121,12 @@ class ClassificationTask(Task):
         return heads
 
     def load_args(self, model_config: PretrainedConfig) -> dict[str, Any]:
-        args: dict[str, Any] = {"num_labels": len(self.label_names)}
+        names = self.label_names
+        args: dict[str, Any] = {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+        }
         if getattr(model_config, "pad_token_id", None) is not None:
             args["pad_token_id"] = model_config.pad_token_id
         return args

@@ -201,7 +201,12 @@ class TokenClassificationTask(Task):
         return fit
 
     def load_args(self, model_config: Any) -> dict[str, Any]:
-        return {"num_labels": len(self.label_names)}
+        names = self.label_names
+        return {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+        }
 
     def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
 

@@ -27,6 +27,7 @@ from rich.console import Console
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
 from launch import launcher
+from launch.configs import RECIPES
 from launch.quiet import quiet
 from launch.studies import report
 from launch.studies.runner import CONFIGS, GRID_FILE, LOGS, SPEC_COPY, CellsFailed, Runner, plan
@@ -67,6 +68,17 @@ def build_parser() -> Any:
     )
     group.add_argument("--num-processes", type=int, metavar="N", help="processes per cell")
     return parser
+
+
+def grid_file(given: str) -> str:
+    """The grid file: a path, or the name of a recipe ftctl ships (`ftctl grid demo`)."""
+    path = Path(given)
+    if not path.exists() and not path.suffix and (RECIPES / f"{given}.yaml").is_file():
+        return str(RECIPES / f"{given}.yaml")
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise FtctlError(f"grid file not found: {given}; give a path, or the name of a shipped recipe: {names}")
+    return given
 
 
 def _grid_dir(spec: GridSpec, given: str | None) -> Path:
@@ -126,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = build_parser().parse_strict(argv)
     if opts["max_cells"] is not None and opts["max_cells"] < 1:
         raise FtctlError(f"--max-cells must be at least 1, got {opts['max_cells']}")
-    spec = load_spec(opts["grid"])
+    spec = load_spec(grid_file(opts["grid"]))
     launch_options = _launch_options(spec, opts)
     grid_dir = _grid_dir(spec, opts["output_dir"])
     cells = expand(spec)

@@ -286,8 +286,12 @@ class Runner:
         rundir.write_json(self.dir / GRID_FILE, self.state())
 
     # ---- one cell --------------------------------------------------------------------------------------------
-    def _env(self) -> dict[str, str]:
-        return configs.child_environment({"COLUMNS": os.environ.get("COLUMNS", "160")})
+    def _env(self, cell: Cell) -> dict[str, str]:
+        extra = {"COLUMNS": os.environ.get("COLUMNS", "160")}
+        if "mlflow" in (cell.values.get("report_to") or []):  # every cell in one experiment, the axes as tags
+            tags = {"ftctl.grid": self.spec.name, **{f"ftctl.grid.{k}": str(v) for k, v in cell.labels().items()}}
+            extra.update(MLFLOW_EXPERIMENT_NAME=self.spec.name, MLFLOW_TAGS=json.dumps(tags))
+        return configs.child_environment(extra)
 
     def train_command(self, cell: Cell) -> list[str]:
         argv = ["--config", str(self.dir / CONFIGS / f"{cell.id}.yaml"), "--output-dir", str(self.dir / cell.id)]
@@ -344,7 +348,7 @@ class Runner:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=os.getcwd(),
-                env=self._env(),
+                env=self._env(cell),
                 start_new_session=True,
                 preexec_fn=_stop_with_parent,
             )

@@ -137,13 +137,31 @@ def test_evaluate_data_file_is_scored_whole(train, data, tmp_path):
     evaluate is given its own cap."""
     from launch.evaluate import main as evaluate
 
-    run_dir = train("--max-eval-samples", "10", "--epochs", "1", "--eval-strategy", "no", "--save-strategy", "no",
-                    "--no-eval-on-start")
+    run_dir = train(
+        "--max-eval-samples",
+        "10",
+        "--epochs",
+        "1",
+        "--eval-strategy",
+        "no",
+        "--save-strategy",
+        "no",
+        "--no-eval-on-start",
+    )
     assert run_json(run_dir)["data"]["validation_examples"] == 10
     whole = evaluate([str(run_dir), "--data", str(data["test"]), "--output", str(tmp_path / "whole.json")])
     assert whole["info"]["examples"] == 48
-    capped = evaluate([str(run_dir), "--data", str(data["test"]), "--max-eval-samples", "5",
-                       "--output", str(tmp_path / "capped.json")])
+    capped = evaluate(
+        [
+            str(run_dir),
+            "--data",
+            str(data["test"]),
+            "--max-eval-samples",
+            "5",
+            "--output",
+            str(tmp_path / "capped.json"),
+        ]
+    )
     assert capped["info"]["examples"] == 5
     assert evaluate([str(run_dir), "--output", str(tmp_path / "own.json")])["info"]["examples"] == 10
 
@@ -200,3 +218,39 @@ def test_model_card_is_one_the_hub_reads(train, tmp_path):
     baseline = {r.metric_type: r.metric_value for r in card.data.eval_results if "baseline" in r.dataset_split}
     assert baseline["accuracy"] == pytest.approx(scored["baseline"]["accuracy"])
     assert "Before fine-tuning" in card.text
+
+
+def test_adapter_run_loads_with_plain_peft_and_names_its_labels(train):
+    """The model card's way, with no ftctl import: the base with the recorded head settings, the adapter on top;
+    predictions come out as the task's label names."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = train("--max-steps", "4", name="plain")
+    record = run_json(out)
+    args = dict(record["task"]["load_args"])  # as the card's snippet writes them (JSON keeps int keys as strings)
+    args["id2label"] = {int(k): v for k, v in args["id2label"].items()}
+    base = AutoModelForSequenceClassification.from_pretrained(
+        record["model"]["name_or_path"], **args
+    )
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    with torch.no_grad():
+        logits = model(**tokenizer(["a good film", "a dull plot"], return_tensors="pt", padding=True)).logits
+    names = {model.config.id2label[int(i)] for i in logits.argmax(-1)}
+    assert names <= {"negative", "positive"}
+    assert "id2label=" in (out / "README.md").read_text()  # the card's snippet passes them too
+
+
+def test_a_run_on_the_embedded_model_names_its_hub_id(tmp_path):
+    """An adapter of the embedded MiniLM names `sentence-transformers/all-MiniLM-L6-v2` as its base (a path into
+    this installation would break when the run is copied); ftctl resolves that id to its embedded copy."""
+    from launch.evaluate import main as evaluate
+    from launch.train import main
+
+    out = tmp_path / "embedded"
+    main(["--task", "sst2", "--method", "lora", "--max-steps", "2", "--report-to", "none", "--eval-strategy", "no",
+          "--save-strategy", "no", "--output-dir", str(out)])  # fmt: skip
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "accuracy" in evaluate([str(out)])
