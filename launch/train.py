@@ -230,5 +230,18 @@ def resume_point(run: runs.Run) -> str | None:
     return str(checkpoint)
 
 
+def exit_worker(code: int) -> None:
+    """End a launched training process. One of several (WORLD_SIZE > 1) leaves without the interpreter's teardown:
+    gloo's and DeepSpeed's worker threads may still be joinable when their C++ destructors run there, and the
+    process then dies with "terminate called without an active exception" (exit 1) after a run that succeeded (seen
+    with ZeRO-3 on 2 CPU processes even after the process group is destroyed). Everything is written by now
+    (run.json is fsynced); only the streams need flushing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_worker(run_main(main))
