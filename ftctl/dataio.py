@@ -104,7 +104,6 @@ def read_records(path: str, what: str = "data file") -> list[dict[str, Any]]:
 
 def read_table(path: str, what: str = "data file") -> datasets.Dataset:
     """A local CSV/TSV/TXT/JSON/JSONL/Parquet file as a Dataset (text tables keep every cell as a string)."""
-
     p = check_file(path, what)
     suffix = p.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
@@ -140,7 +139,6 @@ def read_table(path: str, what: str = "data file") -> datasets.Dataset:
 
 def load_hub(dataset_id: str, config: str | None) -> dict[str, datasets.Dataset]:
     """A hub dataset's splits, under our split names (train, validation, test)."""
-
     try:
         loaded = datasets.load_dataset(dataset_id, config)
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
@@ -228,7 +226,6 @@ def read_conll(path: str, what: str, token_column: str, tag_column: str) -> data
 
 def read_parallel(path: str, what: str, partner: str, source_column: str, target_column: str) -> datasets.Dataset:
     """Two line-aligned text files (source and target side) as one table."""
-
     p, q = check_file(path, what), check_file(partner, f"{what} (target side)")
     sources = read_text(p, what).splitlines()
     targets = read_text(q, what).splitlines()

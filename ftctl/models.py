@@ -68,7 +68,6 @@ def _reason(exc: BaseException) -> str:
 
 
 def load_config(ref: str, trust_remote_code: bool = False) -> Any:
-
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -90,7 +89,6 @@ def model_family(config: PretrainedConfig) -> Family:
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
-
     try:
         return AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -105,7 +103,7 @@ def load_kwargs(cfg: Any) -> dict[str, Any]:
     return {"trust_remote_code": cfg.trust_remote_code, "use_safetensors": None if cfg.allow_pickle_weights else True}
 
 
-def check_precision(cfg: Any, model_config: Any) -> None:
+def check_precision(cfg: Any, model_config: PretrainedConfig) -> None:
     if cfg.precision == "fp16" and model_config.model_type in FP16_UNSAFE:
         raise FtctlError(
             f"--precision fp16 overflows to NaN in {model_config.model_type} models (a known issue); use "

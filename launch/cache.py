@@ -16,19 +16,24 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 from datasets.fingerprint import Hasher
 
 from ftctl import __version__
 
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
+
+    from tasks.base import Task
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("FTCTL_CACHE") or Path.home() / ".cache" / "ftctl") / "tokenized"
 
 
-def _code_digest(task: Any) -> str:
+def _code_digest(task: Task) -> str:
     digest = hashlib.sha256()
     for cls in type(task).__mro__:
         if cls.__module__.startswith("tasks."):
@@ -36,8 +41,7 @@ def _code_digest(task: Any) -> str:
     return digest.hexdigest()
 
 
-def cache_key(task: Any, raw: Any, tokenizer: Any) -> str:
-
+def cache_key(task: Task, raw: Any, tokenizer: PreTrainedTokenizerBase) -> str:
     cfg = task.cfg
     signature = {
         "ftctl": __version__,
@@ -50,9 +54,8 @@ def cache_key(task: Any, raw: Any, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def encode_cached(task: Any, raw: Any, tokenizer: Any, enabled: bool = True) -> Any:
+def encode_cached(task: Task, raw: Any, tokenizer: PreTrainedTokenizerBase, enabled: bool = True) -> Any:
     """`task.encode(raw, tokenizer)`, from the cache when the same encoding was made before."""
-
     if not enabled:
         return task.encode(raw, tokenizer)
     path = cache_root() / cache_key(task, raw, tokenizer)

@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -42,6 +42,9 @@ from launch.reliability import (
 )
 from methods.base import Method
 from tasks.base import SamplesGenerations, Task, TrainsOnOtherBatches
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
 GENERATION_PREFIX = "generation_"  # batch keys holding the prompt to generate from (decoders), not model inputs
@@ -116,7 +119,6 @@ def precision_flags(cfg: RunConfig, launch: LaunchFacts) -> dict[str, bool]:
 
 def use_liger(cfg: RunConfig) -> bool:
     """Liger kernels: asked for (then they must be usable), or by default when installed and on CUDA."""
-
     usable = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
     if cfg.liger_kernel and not usable:
         raise FtctlError("--liger-kernel needs a CUDA GPU and the liger-kernel package (pip install ftctl[gpu])")
@@ -312,15 +314,22 @@ class FtctlTrainer(Trainer):
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         slots, real = (int(v) for v in counts.tolist())
-        return {"train_token_slots": slots, "train_real_tokens": real,
-                "padding_fraction": 1 - real / slots if slots else None}
+        return {
+            "train_token_slots": slots,
+            "train_real_tokens": real,
+            "padding_fraction": 1 - real / slots if slots else None,
+        }
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         inputs = {k: v for k, v in inputs.items() if not k.startswith(GENERATION_PREFIX)}
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def prediction_step(
-        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
     ) -> tuple[Any, Any, Any]:
         """Scores logits as the stock Trainer does; when generating, also runs `generate` on the prompt alone.
 
@@ -335,9 +344,10 @@ class FtctlTrainer(Trainer):
         has_labels = all(inputs.get(k) is not None for k in self.label_names)
         loss = super().prediction_step(model, inputs, True, ignore_keys)[0] if has_labels else None
         inputs = self._prepare_inputs(inputs)
-        model = self.model
-        assert model is not None
-        encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        # a transformers or PEFT model: both generate, but transformers types `generate` for its own models only
+        generator: Any = self.model
+        assert generator is not None
+        encoder_decoder = bool(getattr(generator.config, "is_encoder_decoder", False))
         if encoder_decoder:
             prompt = {k: inputs[k] for k in ("input_ids", "attention_mask")}
         else:
@@ -347,13 +357,13 @@ class FtctlTrainer(Trainer):
         # generate() does not go through the forward accelerate wrapped in autocast; enter it here, in the training
         # precision (frozen weights may be stored in bf16: methods.base.frozen_linears_to)
         with torch.no_grad(), self.accelerator.autocast():
-            generated = model.generate(**prompt, **kwargs)
+            generated = generator.generate(**prompt, **kwargs)
         # keep the new tokens only: drop the prompt (decoders) or the decoder start token (encoder-decoders)
         generated = generated[:, 1:] if encoder_decoder else generated[:, prompt["input_ids"].shape[1] :]
         labels = inputs.get(self.label_names[0]) if has_labels else None
         return loss, generated, labels
 
-    def create_optimizer(self, model: Any = None) -> Any:
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> Any:
         opt_model = self.model if model is None else model
         assert opt_model is not None
         if self.optimizer is None:
@@ -369,10 +379,19 @@ class FtctlTrainer(Trainer):
     def _get_output_dir(self, trial: Any) -> str:
         return self._checkpoint_root or super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        write_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        run_dir = self._get_output_dir(trial)
 
-    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        def save_into(root: str) -> None:
+            self._checkpoint_root = root
+            try:
+                super(FtctlTrainer, self)._save_checkpoint(model, trial)
+            finally:
+                self._checkpoint_root = None
+
+        write_checkpoint_atomically(self, save_into, run_dir)
+
+    def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if ids is not None:
             self._tokens[0] += ids.numel()
@@ -412,10 +431,9 @@ class CopySpec(TrainerCallback):
     def __init__(self, spec_path: Path):
         self.spec_path = spec_path
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
                 shutil.copy2(self.spec_path, checkpoint / self.spec_path.name)
 
@@ -437,7 +455,6 @@ def build_trainer(
         callbacks.append(CopySpec(run_dir / "spec.json"))
         callbacks.append(EventLog(run_dir / EVENTS_FILE))
         if "tensorboard" in cfg.report_to and args.process_index == 0:
-
             callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
@@ -467,9 +484,7 @@ def sort_by_length(encoded: datasets.Dataset) -> tuple[datasets.Dataset, np.ndar
     return encoded.select(order.tolist()), order
 
 
-def score(
-    trainer: FtctlTrainer, task: Task, encoded: datasets.Dataset
-) -> tuple[dict[str, Any], dict[str, Any], Any]:
+def score(trainer: FtctlTrainer, task: Task, encoded: datasets.Dataset) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """(metrics, details, predictions in the split's original order) for one encoded split."""
     ordered, order = sort_by_length(encoded)
     output = trainer.predict(ordered, metric_key_prefix="eval")

@@ -31,15 +31,23 @@ from launch.configs import (
 def launcher_parser() -> Parser:
     parser = Parser(prog="ftctl train", add_help=False)
     group = parser.add_argument_group("launcher (ftctl train only)")
-    group.add_argument("--accelerate-config", metavar="NAME|PATH",
-                       help=f"accelerate config: a file in {ACCELERATE_CONFIGS.name}/ (without .yaml) or a path")
+    group.add_argument(
+        "--accelerate-config",
+        metavar="NAME|PATH",
+        help=f"accelerate config: a file in {ACCELERATE_CONFIGS.name}/ (without .yaml) or a path",
+    )
     group.add_argument("--num-processes", type=int, metavar="N", help="processes in total, over all machines")
     group.add_argument("--num-machines", type=int, metavar="M", help="machines taking part")
     group.add_argument("--machine-rank", type=int, metavar="R", help="this machine's rank (0 = main)")
     group.add_argument("--main-process-ip", metavar="IP", help="address of the rank-0 machine")
     group.add_argument("--main-process-port", type=int, metavar="PORT", help="free TCP port on the rank-0 machine")
-    group.add_argument("--rendezvous-timeout", type=int, default=300, metavar="S",
-                       help="seconds the launchers wait for each other before failing (default: 300)")
+    group.add_argument(
+        "--rendezvous-timeout",
+        type=int,
+        default=300,
+        metavar="S",
+        help="seconds the launchers wait for each other before failing (default: 300)",
+    )
     group.add_argument("--dry-run", action="store_true", help="print the launch command instead of running it")
     return parser
 
@@ -69,8 +77,12 @@ def split(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def wants_launcher(options: dict[str, Any]) -> bool:
-    return bool(options.get("accelerate_config") or (options.get("num_processes") or 1) > 1
-                or (options.get("num_machines") or 1) > 1 or options.get("dry_run"))
+    return bool(
+        options.get("accelerate_config")
+        or (options.get("num_processes") or 1) > 1
+        or (options.get("num_machines") or 1) > 1
+        or options.get("dry_run")
+    )
 
 
 def build_command(options: dict[str, Any], train_argv: list[str]) -> list[str]:
@@ -95,9 +107,13 @@ def build_command(options: dict[str, Any], train_argv: list[str]) -> list[str]:
         cmd.append("--multi_gpu")  # accelerate's multi-process launcher; runs on the CPU when there is no GPU
     if not config:
         cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # ftctl's own --precision decides
-    for flag, key in (("--num_processes", "num_processes"), ("--num_machines", "num_machines"),
-                      ("--machine_rank", "machine_rank"), ("--main_process_ip", "main_process_ip"),
-                      ("--main_process_port", "main_process_port")):
+    for flag, key in (
+        ("--num_processes", "num_processes"),
+        ("--num_machines", "num_machines"),
+        ("--machine_rank", "machine_rank"),
+        ("--main_process_ip", "main_process_ip"),
+        ("--main_process_port", "main_process_port"),
+    ):
         if options.get(key) is not None:
             cmd += [flag, str(options[key])]
     if machines > 1 and not options.get("main_process_ip") and not config.get("main_process_ip"):
@@ -149,7 +165,6 @@ def check_process_count(options: dict[str, Any], config: dict[str, Any], process
 
 def visible_gpus() -> int:
     """CUDA devices the launched processes can use (0 on a machine without CUDA). Imports torch: launch time only."""
-
     return torch.cuda.device_count()
 
 

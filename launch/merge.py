@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError, run_main
 from ftctl.models import load_kwargs, load_tokenizer, resolve_model
@@ -23,6 +23,9 @@ from launch import rundir, runs
 from launch.console import console
 from launch.evaluate import check_weights, locate
 from launch.quiet import quiet, quiet_transformers
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MERGE_FILE = "merge.json"
 
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return info
 
 
-def save_merged(model: Any, tokenizer: Any, info: dict[str, Any], output: Path) -> None:
+def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, info: dict[str, Any], output: Path) -> None:
     """Write the merged model next to `output`, then move it into place."""
     staging = output.with_name(output.name + ".merge.tmp")
     shutil.rmtree(staging, ignore_errors=True)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 console = Console(stderr=False, highlight=False)
 
@@ -26,7 +29,9 @@ class RichProgress(TrainerCallback):
         self.task_id: Any = None
         self.status = ""
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not console.is_terminal:
             return
         self.progress = Progress(
@@ -42,11 +47,18 @@ class RichProgress(TrainerCallback):
         self.progress.start()
         self.task_id = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.progress is not None:
             self.progress.update(self.task_id, completed=state.global_step, status=self.status)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs:
@@ -61,7 +73,9 @@ class RichProgress(TrainerCallback):
             }
             console.print(f"eval @ step {state.global_step}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -78,28 +92,39 @@ class EventLog(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
 
-    def _write(self, state: Any, event: str, **fields: Any) -> None:
+    def _write(self, state: TrainerState, event: str, **fields: Any) -> None:
         if not state.is_world_process_zero:
             return
         row = {"event": event, "time": time.time(), "step": state.global_step, "max_steps": state.max_steps, **fields}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=str) + "\n")
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._write(state, "train_begin")
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
         logs = logs or {}
         if "loss" in logs:
             self._write(state, "step", loss=logs["loss"], learning_rate=logs.get("learning_rate"))
         elif any(k.startswith("eval_") for k in logs):
             self._write(state, "evaluate", metrics={k[5:]: v for k, v in logs.items() if k.startswith("eval_")})
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.global_step % max(1, args.logging_steps) and state.global_step != state.max_steps:
             self._write(state, "step")
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._write(state, "train_end")
 
 

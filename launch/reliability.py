@@ -11,7 +11,8 @@ import os
 import shutil
 import signal
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
@@ -20,6 +21,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.trainer_utils import rotate_checkpoints as rotate
 
 from ftctl.errors import FtctlError
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 
 class RunStopped(FtctlError):
@@ -62,19 +66,23 @@ class GracefulStop(TrainerCallback):
             raise KeyboardInterrupt
         self.received = signum
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
 
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._handle)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if agree(self.received is not None, args):
             self.received = self.received or signal.SIGTERM  # another process got it: stop the same way
             control.should_save = True
             control.should_training_stop = True
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous.clear()
@@ -97,20 +105,15 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
-def write_checkpoint_atomically(trainer: Any, save: Any, model: Any, trial: Any) -> None:
+def write_checkpoint_atomically(trainer: Trainer, save_into: Callable[[str], None], run_dir: str) -> None:
     """Run the Trainer's checkpoint save into a staging folder, then rename it to `checkpoint-N`.
 
     The stock Trainer writes `checkpoint-N` in place; a crash mid-save would leave a directory that `--resume`
-    picks as the latest checkpoint. Renaming happens on each node's main process (node-local disks)."""
-
-    run_dir = trainer._get_output_dir(trial=trial)
+    picks as the latest checkpoint. Renaming happens on each node's main process (node-local disks). `save_into(root)`
+    runs the Trainer's own save with `root` in place of the run directory."""
     staging = os.path.join(run_dir, ".checkpoint-staging")
     name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
-    trainer._checkpoint_root = staging
-    try:
-        save(model, trial)
-    finally:
-        trainer._checkpoint_root = None
+    save_into(staging)
     args = trainer.args
     source, target = os.path.join(staging, name), os.path.join(run_dir, name)
     # First the global main process (shared or local disk), then the main process of every other node if its own
@@ -126,8 +129,12 @@ def write_checkpoint_atomically(trainer: Any, save: Any, model: Any, trial: Any)
     if best and best.startswith(staging):
         trainer.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
     if args.should_save:
-        rotate(output_dir=run_dir, save_total_limit=args.save_total_limit,
-               best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+        rotate(
+            output_dir=run_dir,
+            save_total_limit=args.save_total_limit,
+            best_model_checkpoint=trainer.state.best_model_checkpoint,
+            use_mtime=True,
+        )
 
 
 def _promote(source: str, target: str, staging: str) -> None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from ftctl.errors import FtctlError
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 PARAMS_PER_CALL = 100  # MLflow's limit on params logged at once
 
@@ -44,7 +47,9 @@ class MlflowRun(TrainerCallback):
         self.run_dir = run_dir
         self.run_id: str | None = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         import mlflow  # deferred: an optional extra, and a heavy import
 
         active = mlflow.active_run() if state.is_world_process_zero else None

@@ -11,7 +11,7 @@ final ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -22,6 +22,10 @@ from methods.base import Context, PeftMethod, register_method
 from methods.lora import ALL_LINEAR, DEFAULT_ALPHA, LoraOptions, resolve_targets
 from methods.matrix import Refusal
 from tasks.base import Task
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    from transformers import PreTrainedTokenizerBase, TrainerControl, TrainerState, TrainingArguments
 
 
 @dataclass
@@ -60,12 +64,14 @@ def schedule(opts: AdaLoraOptions, total: int) -> dict[str, int]:
     return {"total_step": total, "tinit": tinit, "tfinal": tfinal, "deltaT": delta_t}
 
 
-def rank_allocation(model: Any) -> Any:
+def rank_allocation(model: torch.nn.Module) -> Any:
     """A Trainer callback running AdaLoRA's budget schedule after every optimizer step, while the gradients are
     still there (defined here so that importing the method registry does not import transformers)."""
 
     class RankAllocation(TrainerCallback):
-        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        def on_optimizer_step(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        ) -> None:
             # the Trainer calls this after optimizer.step() and before zero_grad(); global_step is still the index of
             # the step just taken, which is what PEFT's schedule counts
             model.base_model.update_and_allocate(state.global_step)
@@ -101,10 +107,10 @@ class AdaLora(PeftMethod):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.model: Any = None
+        self.model: torch.nn.Module = None
         self.plan: dict[str, int] = {}
 
-    def peft_config(self, model: Any, task: Task, ctx: Context) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task, ctx: Context) -> Any:
         from peft import AdaLoraConfig  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         if ctx.data is None:
@@ -122,11 +128,13 @@ class AdaLora(PeftMethod):
             **self.plan,
         )
 
-    def apply(self, model: Any, task: Task, ctx: Context) -> Any:
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         self.model = self.wrap(model, self.peft_config(model, task, ctx), ctx)
         return self.model
 
-    def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+    def load_trained(
+        self, task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]
+    ) -> Any:
         model = super().load_trained(task, path, base, tokenizer, load_kwargs)
         # PEFT's AdaLoRA adds its orthogonality penalty to any loss its forward returns, reading the adapter's name
         # from an attribute that only a trainable model has; a loaded one would fail on the first scored batch
@@ -136,7 +144,7 @@ class AdaLora(PeftMethod):
     def callbacks(self) -> list[Any]:
         return [rank_allocation(self.model)]
 
-    def record(self, model: Any) -> dict[str, Any]:
+    def record(self, model: torch.nn.Module) -> dict[str, Any]:
         return {
             "adalora": {
                 "init_r": self.opts.adalora_init_r,
@@ -147,7 +155,7 @@ class AdaLora(PeftMethod):
         }
 
 
-def final_ranks(model: Any) -> dict[str, int]:
+def final_ranks(model: torch.nn.Module) -> dict[str, int]:
     """Adapted layer (layer indices kept) -> rank left after pruning (the non-zero singular values)."""
     # deferred: a heavy import (seconds), paid only by the runs that use it
     from peft.tuners.adalora import AdaLoraLayer

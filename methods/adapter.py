@@ -13,12 +13,18 @@ base and reproduces the fine-tuned outputs exactly. Adapters are non-linear, so 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from methods.base import Context, Method, freeze_all_but, register_method
 from methods.bottleneck import adapter_names, adapter_sites, inject, load_adapter, save_adapter
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    from transformers import PreTrainedTokenizerBase, Trainer
+
+    from tasks.base import Task
 
 STYLES = ("houlsby", "pfeiffer")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
@@ -61,17 +67,15 @@ class Adapter(Method):
         self.sites: list[str] = []
         self.heads: list[str] = []
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
-
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         self.sites = adapter_sites(model, self.opts.adapter_style)
         inject(model, self.sites, self.opts.adapter_size, self.opts.adapter_non_linearity)
         self.heads = task.head_modules(model)
         freeze_all_but(model, adapter_names(model) + self.heads)
         return model
 
-    def save(self, trainer: Any, path: str) -> None:
+    def save(self, trainer: Trainer, path: str) -> None:
         """Adapters and head only. Every process calls this: under ZeRO-3 they all take part in gathering."""
-
         model = trainer.model
         state = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else model)
         if trainer.args.should_save:
@@ -85,11 +89,13 @@ class Adapter(Method):
             }
             save_adapter(state, adapter_names(model) + self.heads, config, path)
 
-    def load_trained(self, task: Any, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+    def load_trained(
+        self, task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]
+    ) -> Any:
 
         return load_adapter(task.build_model(base, tokenizer, load_kwargs), path)
 
-    def record(self, model: Any) -> dict[str, Any]:
+    def record(self, model: torch.nn.Module) -> dict[str, Any]:
         return {
             "adapter": {
                 "style": self.opts.adapter_style,

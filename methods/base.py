@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PretrainedConfig
@@ -25,6 +25,9 @@ from ftctl.registry import Registry
 from ftctl.vocab import Family, TaskKind
 from methods import matrix
 from tasks.base import Task
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase, Trainer
 
 
 @dataclass
@@ -99,15 +102,19 @@ class Method:
         """Extra facts for run.json's "method" entry (e.g. parameter groups, final ranks)."""
         return {}
 
-    def save(self, trainer: Any, path: str) -> None:
+    def save(self, trainer: Trainer, path: str) -> None:
         """Write the trained result (adapter or full model) to `path`; the Trainer gathers it under ZeRO-3."""
         trainer.save_model(path)
 
-    def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+    def load_trained(
+        self, task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]
+    ) -> Any:
         """Load what `save` wrote, ready for evaluation."""
         return task.build_model(path, tokenizer, load_kwargs)
 
-    def merge(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[Any, list]:
+    def merge(
+        self, task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]
+    ) -> tuple[Any, list]:
         """What `save` wrote folded into the base weights, as a plain transformers model (`ftctl merge`), and notes
         on how it was made. Only `mergeable` methods implement it."""
         raise FtctlError(f"method '{self.variant}' has nothing to merge: {self.merge_refusal}")
@@ -127,12 +134,16 @@ class PeftMethod(Method):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return get_peft_model(model, config)
 
-    def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+    def load_trained(
+        self, task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]
+    ) -> Any:
         from peft import PeftModel  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         return PeftModel.from_pretrained(task.build_model(base, tokenizer, load_kwargs), path)
 
-    def merge(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[Any, list]:
+    def merge(
+        self, task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]
+    ) -> tuple[Any, list]:
         """The adapter folded into the weights it modifies (`merge_and_unload`); the trained head replaces the
         base's."""
         if not self.mergeable:

@@ -106,7 +106,6 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def save_adapter(state: dict[str, torch.Tensor], modules: list[str], config: dict[str, Any], path: str) -> None:
     """Write the weights of `modules` (adapters and head) from a full state dict, and the config that rebuilds them."""
-
     keep = tuple(f"{name}." for name in modules)
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(keep)}
     out = Path(path)
@@ -117,7 +116,6 @@ def save_adapter(state: dict[str, torch.Tensor], modules: list[str], config: dic
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Put saved adapters (and the task head saved with them) onto `model`, the base model built for the task."""
-
     path = Path(path)
     config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     if config.get("adapter_type") != ADAPTER_TYPE:

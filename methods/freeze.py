@@ -8,12 +8,17 @@ stack are frozen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from methods.base import Context, Method, register_method
 from methods.layers import embedding_modules, layer_stacks
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+    from tasks.base import Task
 
 
 @dataclass
@@ -49,7 +54,7 @@ class Freeze(Method):
                 f"--freeze-encoder needs an encoder-decoder model; '{ctx.model_config.model_type}' is a {ctx.family}"
             )
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         stacks = layer_stacks(model)
         if not stacks:
             raise FtctlError(f"cannot find the transformer layers of '{type(model).__name__}' to freeze")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from methods.base import Context, Method, register_method
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+    from tasks.base import Task
 
 
 @register_method
@@ -16,7 +21,7 @@ class Full(Method):
     # habit of 5e-5 fell short of 0.80 (bench/RESULTS.md); small encoders want the higher rate on classification
     defaults = {"*": {"learning_rate": 5e-5}, "classification": {"learning_rate": 1e-4}}
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from methods.base import Context, Method, freeze_all_but, register_method
 from methods.matrix import Refusal
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+    from tasks.base import Task
 
 NO_HEAD = Refusal(
     "the task has no separate head (language-model tasks)",
@@ -23,6 +28,6 @@ class HeadOnly(Method):
     defaults = {"*": {"learning_rate": 2e-3, "epochs": 5.0}}
     refusals = (NO_HEAD,)
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         freeze_all_but(model, task.head_modules(model))
         return model

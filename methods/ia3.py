@@ -9,12 +9,17 @@ is rescaled rather than their output).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from methods.base import Context, PeftMethod, register_method
 from methods.layers import block_linear_names
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+    from tasks.base import Task
 
 
 @dataclass
@@ -62,7 +67,7 @@ class Ia3(PeftMethod):
                 "key/value and feed-forward output layers) and --feedforward-modules (the feed-forward ones)"
             )
 
-    def targets(self, model: Any, model_type: str) -> tuple[list[str], list[str]]:
+    def targets(self, model: torch.nn.Module, model_type: str) -> tuple[list[str], list[str]]:
         if not self.opts.target_modules:
             return default_targets(model_type)  # type: ignore[return-value]  # check() made sure it exists
         targets = list(self.opts.target_modules)
@@ -78,7 +83,7 @@ class Ia3(PeftMethod):
             )
         return targets, list(self.opts.feedforward_modules)
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         from peft import IA3Config  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         targets, feedforward = self.targets(model, ctx.model_config.model_type)

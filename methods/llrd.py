@@ -13,13 +13,18 @@ learning rate, parameters, modules) are recorded in run.json.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from methods.base import Context, Method, register_method
 from methods.layers import embedding_modules, layer_stacks
 from methods.matrix import Refusal
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+    from tasks.base import Task
 
 
 @dataclass
@@ -31,7 +36,7 @@ class LlrdOptions:
             raise FtctlError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
 
 
-def layer_depths(model: Any, heads: list[str]) -> dict[str, tuple[int, str]]:
+def layer_depths(model: torch.nn.Module, heads: list[str]) -> dict[str, tuple[int, str]]:
     """Parameter name -> (depth below the top, the block or module it belongs to). Depth 0: the top block, the head
     and anything above the blocks."""
     blocks: list[str] = [f"{name}.{i}" for name, stack in layer_stacks(model) for i in range(len(stack))]
@@ -80,14 +85,14 @@ class LayerwiseDecay(Method):
         self.heads: list[str] = []
         self.groups: list[dict[str, Any]] = []
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         self.heads = task.head_modules(model)
         layer_depths(model, self.heads)  # refuse a model without layers now, not when the optimizer is built
         return model
 
-    def param_groups(self, model: Any, args: Any, decay_names: set[str]) -> list[dict[str, Any]]:
+    def param_groups(self, model: torch.nn.Module, args: Any, decay_names: set[str]) -> list[dict[str, Any]]:
         depths = layer_depths(model, self.heads)
         grouped: dict[tuple[int, bool], list[tuple[str, Any]]] = {}
         for name, p in model.named_parameters():
@@ -110,5 +115,5 @@ class LayerwiseDecay(Method):
             )
         return groups
 
-    def record(self, model: Any) -> dict[str, Any]:
+    def record(self, model: torch.nn.Module) -> dict[str, Any]:
         return {"lr_decay": self.opts.lr_decay, "param_groups": self.groups}

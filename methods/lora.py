@@ -14,7 +14,7 @@ fine-tuned model on top of the base; it loads with plain `peft.PeftModel.from_pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
@@ -22,6 +22,10 @@ from methods import qlora
 from methods.base import Context, PeftMethod, register_method
 from methods.layers import block_linear_names
 from tasks.base import Task
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 # Default target modules by model type: the attention query/value projections for encoders and T5 (the LoRA
 # paper's choice), every linear layer of the blocks for modern decoder LLMs (QLoRA's finding that all-linear
@@ -65,7 +69,7 @@ class LoraOptions:
             raise FtctlError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-def resolve_targets(model: Any, model_type: str, requested: list[str]) -> list[str]:
+def resolve_targets(model: torch.nn.Module, model_type: str, requested: list[str]) -> list[str]:
     """The leaf module names LoRA adapts, checked against the model."""
     targets = list(requested) or DEFAULT_TARGETS.get(model_type, [ALL_LINEAR])
     linear = block_linear_names(model)
@@ -130,7 +134,7 @@ class Lora(PeftMethod):
         """4 or 8 for the quantized variants (qlora, qlora8), else None."""
         return self.settings.get("bits")
 
-    def peft_config(self, model: Any, task: Task, ctx: Context) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task, ctx: Context) -> Any:
         from peft import LoraConfig  # deferred: a heavy import (seconds), paid only by the runs that use it
 
         return LoraConfig(
@@ -150,7 +154,7 @@ class Lora(PeftMethod):
             return {}
         return qlora.quantization_kwargs(self.bits, ctx.task, ctx.model_config, ctx.launch.deepspeed_stage)
 
-    def apply(self, model: Any, task: Task, ctx: Context) -> Any:
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         if self.bits is not None:
             # deferred: a heavy import (seconds), paid only by the runs that use it
             from peft import prepare_model_for_kbit_training
@@ -162,14 +166,18 @@ class Lora(PeftMethod):
             )
         return self.wrap(model, self.peft_config(model, task, ctx), ctx)
 
-    def record(self, model: Any) -> dict[str, Any]:
+    def record(self, model: torch.nn.Module) -> dict[str, Any]:
         return qlora.quantization_record(model, self.bits) if self.bits is not None else {}
 
-    def load_trained(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> Any:
+    def load_trained(
+        self, task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]
+    ) -> Any:
         model = super().load_trained(task, path, base, tokenizer, load_kwargs)
         return qlora.unpacked(model) if self.bits is not None else model
 
-    def merge(self, task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> tuple[Any, list]:
+    def merge(
+        self, task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]
+    ) -> tuple[Any, list]:
         if self.bits is None:
             return super().merge(task, path, base, tokenizer, load_kwargs)
         return qlora.merge_dequantized(task, path, base, tokenizer, load_kwargs, self.bits)

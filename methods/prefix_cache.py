@@ -63,7 +63,7 @@ def _pass_cache_on(module: Any, args: Any) -> None:
     module.gradient_checkpointing = False
 
 
-def keep_prefix_under_checkpointing(model: Any) -> None:
+def keep_prefix_under_checkpointing(model: torch.nn.Module) -> None:
     """Let checkpointed layers keep the prefix cache, and give it to them read-only while training.
 
     The layers (`GradientCheckpointingLayer`) checkpoint themselves and are told they may keep the cache; a model

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
@@ -28,6 +28,12 @@ from ftctl.vocab import Family
 from methods.base import Context, PeftMethod, register_method
 from methods.matrix import Refusal
 from methods.prefix_cache import keep_prefix_under_checkpointing
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    from transformers import PretrainedConfig
+
+    from tasks.base import Task
 
 PROMPT, ENCODER, PREFIX = "prompt", "encoder", "prefix"
 INPUT_PROMPTS = ("prompt_tuning", "p_tuning")
@@ -53,10 +59,8 @@ class PromptOptions:
             raise FtctlError(f"--prompt-encoder-hidden-size must be at least 1, got {self.prompt_encoder_hidden_size}")
 
 
-def accepts_cache(model_config: Any) -> bool:
+def accepts_cache(model_config: PretrainedConfig) -> bool:
     """Whether the model's backbone takes a KV cache (`past_key_values`) that a prefix can be put into."""
-
-
     name = MODEL_MAPPING_NAMES.get(model_config.model_type)
     backbone = getattr(transformers, name, None) if isinstance(name, str) else None
     if backbone is None:
@@ -154,7 +158,7 @@ class SoftPrompt(PeftMethod):
                 f"not {self.variant}"
             )
 
-    def peft_config(self, model: Any, task: Any) -> Any:
+    def peft_config(self, model: torch.nn.Module, task: Task) -> Any:
         # deferred: a heavy import (seconds), paid only by the runs that use it
         from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
@@ -179,9 +183,8 @@ class SoftPrompt(PeftMethod):
             return PromptEncoderConfig(**common, encoder_hidden_size=hidden)
         return PrefixTuningConfig(**common, prefix_projection=self.settings["projection"], encoder_hidden_size=hidden)
 
-    def apply(self, model: Any, task: Any, ctx: Context) -> Any:
+    def apply(self, model: torch.nn.Module, task: Task, ctx: Context) -> torch.nn.Module:
         peft_model = self.wrap(model, self.peft_config(model, task), ctx)
         if self.settings["kind"] == PREFIX:
-
             keep_prefix_under_checkpointing(peft_model)
         return peft_model

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -26,6 +26,9 @@ from transformers.quantizers.base import get_keys_to_not_convert
 from ftctl.models import load_config
 from methods.matrix import Refusal
 from tasks.base import Task
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")
 
@@ -55,7 +58,7 @@ def bnb_problem(device: str, bits: int) -> str | None:
     return None
 
 
-def unpacked(model: Any) -> Any:
+def unpacked(model: torch.nn.Module) -> Any:
     """Keep 4-bit weights in bitsandbytes' portable layout on CPU. bitsandbytes 0.50 repacks them for its AVX512-BF16
     kernel on the first forward without gradients (an evaluation), and the next training forward then fails (an
     in-place add on a view of a leaf); the packed kernel also rounds differently, so a reloaded model would not
@@ -67,13 +70,12 @@ def unpacked(model: Any) -> Any:
 
 
 def compute_dtype() -> Any:
-
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
 
 
-def kept_full_precision(task: Any, model_config: Any) -> list[str]:
+def kept_full_precision(task: Task, model_config: PretrainedConfig) -> list[str]:
     """Modules not to quantize: the task head and transformers' own choice (output embeddings, tied weights, the
     last module), found on a weightless (meta-device) copy of the model."""
 
@@ -84,7 +86,9 @@ def kept_full_precision(task: Any, model_config: Any) -> list[str]:
     return sorted(name for name in keep if name in modules)  # transformers may name a parameter (`classifier.bias`)
 
 
-def quantization_kwargs(bits: int, task: Any, model_config: Any, deepspeed_stage: int | None = None) -> dict:
+def quantization_kwargs(
+    bits: int, task: Task, model_config: PretrainedConfig, deepspeed_stage: int | None = None
+) -> dict:
 
     skip = kept_full_precision(task, model_config)
     if bits == 4:
@@ -152,7 +156,7 @@ def quantization_refusals() -> tuple[Refusal, ...]:
     )
 
 
-def quantization_record(model: Any, bits: int) -> dict[str, Any]:
+def quantization_record(model: torch.nn.Module, bits: int) -> dict[str, Any]:
     """What run.json says of the quantization."""
     config = model.config.quantization_config
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -163,7 +167,7 @@ def quantization_record(model: Any, bits: int) -> dict[str, Any]:
 
 
 def merge_dequantized(
-    task: Task, path: str, base: str, tokenizer: Any, load_kwargs: dict[str, Any], bits: int
+    task: Task, path: str, base: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any], bits: int
 ) -> tuple[Any, list[str]]:
     """The base loaded quantized as in training, de-quantized into a full-precision copy, then the adapter merged
     into that: the merged model reproduces the fine-tuned quantized model, not base + adapter."""

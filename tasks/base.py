@@ -230,7 +230,6 @@ class Task:
 
     def collator(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> Any:
         """Pads a batch to its longest member (dynamic padding)."""
-
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
     # ---- model ------------------------------------------------------------------------------------------------

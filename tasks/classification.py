@@ -99,7 +99,6 @@ class ClassificationTask(Task):
 
     # ---- model ------------------------------------------------------------------------------------------------
     def check_model(self, model_config: PretrainedConfig, family: Family) -> ModelFit:
-
         fit = super().check_model(model_config, family)
         if model_config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
             raise FtctlError(
@@ -132,7 +131,6 @@ class ClassificationTask(Task):
         return args
 
     def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-
         names = self.label_names
         model = self.load_pretrained(
             AutoModelForSequenceClassification,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -37,6 +37,9 @@ from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
 from tasks.base import ModelFit, Preset, Task, fresh_modules, register_task
 from tasks.metrics import exact_match, squad_scores, token_f1
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
 
 COLUMNS = ("question", "context", "answers")
 MAX_QUESTION_TOKENS = 64
@@ -116,7 +119,6 @@ class ExtractiveQaTask(Task):
 
     # ---- data -------------------------------------------------------------------------------------------------
     def read_file(self, path: str, what: str) -> datasets.Dataset:
-
         if not path.lower().endswith((".json", ".jsonl")):
             return dataio.read_table(path, what)
         rows = dataio.read_squad(path, what)
@@ -156,7 +158,7 @@ class ExtractiveQaTask(Task):
                 )
         return {"unanswerable": self.unanswerable}
 
-    def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+    def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         max_length = min(self.cfg.max_length, tokenizer.model_max_length or self.cfg.max_length)
         stride = self.opts.doc_stride
         cls_id = tokenizer.cls_token_id
@@ -211,7 +213,6 @@ class ExtractiveQaTask(Task):
 
     # ---- model ------------------------------------------------------------------------------------------------
     def check_model(self, model_config: PretrainedConfig, family: Family) -> ModelFit:
-
         fit = super().check_model(model_config, family)
         if model_config.model_type not in MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES:
             raise FtctlError(
@@ -220,8 +221,7 @@ class ExtractiveQaTask(Task):
             )
         return fit
 
-    def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-
+    def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         model = self.load_pretrained(AutoModelForQuestionAnswering, ref, **load_kwargs)
         prefix = model.base_model_prefix
         if any(m == prefix or m.startswith(prefix + ".") for m in fresh_modules(model)):
@@ -236,13 +236,11 @@ class ExtractiveQaTask(Task):
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def reduce_logits(self, logits: Any, labels: Any) -> torch.Tensor:
-
         start, end = logits[0], logits[1]
         return torch.stack([start.float(), end.float()], dim=-1)
 
     def decode(self, predictions: Any, encoded: datasets.Dataset) -> dict[int, dict[str, Any]]:
         """The answer to each question (by example index) from the start/end logits of its windows."""
-
         opts = self.opts
         best: dict[int, dict[str, Any]] = {}
         columns = encoded.select_columns(["example", "offsets", "null_index", "context", "golds"])
@@ -284,7 +282,6 @@ class ExtractiveQaTask(Task):
         return [answers[i] for i in sorted(answers)]
 
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
-
         rows = []
         for i, (example, answer) in enumerate(zip(raw, predictions, strict=True)):
             golds = answer["golds"] or [""]
@@ -305,7 +302,7 @@ class ExtractiveQaTask(Task):
         return rows
 
 
-def _short_question(question: str, tokenizer: Any) -> str:
+def _short_question(question: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """The question cut to MAX_QUESTION_TOKENS tokens (at a token boundary), so a window always has room for
     context."""
     enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)

@@ -65,7 +65,6 @@ class GenerationCollator:
         return width
 
     def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-
         width = self._width(rows)
         padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
         return torch.tensor(padded, dtype=torch.long)
@@ -97,7 +96,6 @@ class PackingCollator:
     """
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-
         input_ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
@@ -114,7 +112,7 @@ class PackingCollator:
         }
 
 
-def special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """(ids the tokenizer puts before, after) a single text: [BOS] for Llama, [] and [</s>] for T5, none for GPT-2."""
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x")["input_ids"]
@@ -205,7 +203,6 @@ class GenerationTask(Task):
             raise FtctlError("this decoder's tokenizer has no end-of-sequence token, so it could not learn to stop")
 
     def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-
         auto = AutoModelForCausalLM if self.decoder else AutoModelForSeq2SeqLM
         model = self.load_pretrained(auto, ref, **load_kwargs)
         if model.config.pad_token_id is None:

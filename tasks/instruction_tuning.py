@@ -124,7 +124,6 @@ class InstructionTuningTask(GenerationTask):
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def reduce_logits(self, logits: Any, labels: torch.Tensor) -> torch.Tensor:
         """Per example: (summed negative log-likelihood of the response tokens, number of response tokens)."""
-
         if isinstance(logits, tuple):
             logits = logits[0]
         if self.decoder:  # token t predicts token t + 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -18,6 +18,9 @@ from transformers import AutoModelForSequenceClassification
 from ftctl.errors import FtctlError
 from ftctl.vocab import Family, TaskKind
 from tasks.base import Preset, Task, register_task
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 
 def _score(value: Any, split: str, column: str, row: int) -> float:
@@ -90,7 +93,7 @@ class SentenceSimilarityTask(Task):
                 raise FtctlError(f"every train score is {scores[0]}; regression needs varied scores")
         return {}
 
-    def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+    def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         first, second = self.cfg.text_column
         column = self.cfg.label_column
         max_length = min(self.cfg.max_length, tokenizer.model_max_length or self.cfg.max_length)
@@ -106,14 +109,13 @@ class SentenceSimilarityTask(Task):
         return ds.map(encode_batch, batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
     # ---- model ------------------------------------------------------------------------------------------------
-    def load_args(self, model_config: Any) -> dict[str, Any]:
+    def load_args(self, model_config: PretrainedConfig) -> dict[str, Any]:
         args: dict[str, Any] = {"num_labels": 1, "problem_type": "regression"}
         if getattr(model_config, "pad_token_id", None) is not None:
             args["pad_token_id"] = model_config.pad_token_id
         return args
 
-    def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-
+    def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         model = self.load_pretrained(
             AutoModelForSequenceClassification, ref, num_labels=1, problem_type="regression", **load_kwargs
         )

@@ -52,8 +52,6 @@ class SummarizationTask(GenerationTask):
     }
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
-
-
         if path.lower().endswith(".json"):  # also JSON objects written one after another
             return datasets.Dataset.from_list(dataio.read_json_objects(path, what))
         return dataio.read_table(path, what)

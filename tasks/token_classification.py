@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -29,6 +29,9 @@ from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
 from tasks.base import DetailView, ModelFit, Preset, Task, register_task
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
 
 TABLE_SUFFIXES = (".json", ".jsonl", ".parquet")
 CONLL2003_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
@@ -140,7 +143,7 @@ class TokenClassificationTask(Task):
     def label_names(self) -> list[str]:
         return self.state["label_names"]
 
-    def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+    def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         ids = {name: i for i, name in enumerate(self.label_names)}
         inside = {i: ids.get("I-" + name[2:], i) for name, i in ids.items() if name.startswith("B-")}
         words_column, label_all = self.token_column, self.opts.label_all_tokens
@@ -185,13 +188,11 @@ class TokenClassificationTask(Task):
 
         return ds.map(encode_batch, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
 
-    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Any:
-
+    def collator(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> Any:
         return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
     # ---- model ------------------------------------------------------------------------------------------------
     def check_model(self, model_config: PretrainedConfig, family: Family) -> ModelFit:
-
         fit = super().check_model(model_config, family)
         if model_config.model_type not in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
             raise FtctlError(
@@ -200,7 +201,7 @@ class TokenClassificationTask(Task):
             )
         return fit
 
-    def load_args(self, model_config: Any) -> dict[str, Any]:
+    def load_args(self, model_config: PretrainedConfig) -> dict[str, Any]:
         names = self.label_names
         return {
             "num_labels": len(names),
@@ -208,8 +209,7 @@ class TokenClassificationTask(Task):
             "label2id": {n: i for i, n in enumerate(names)},
         }
 
-    def build_model(self, ref: str, tokenizer: Any, load_kwargs: dict[str, Any]) -> torch.nn.Module:
-
+    def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         names = self.label_names
         model = self.load_pretrained(
             AutoModelForTokenClassification,

@@ -82,7 +82,6 @@ class TranslationTask(GenerationTask):
         return f"{source} to {target}"
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
-
         p = Path(path)
         source, target = self.lang("source"), self.lang("target")
         for own, partner in ((".source", ".target"), (f".{source}", f".{target}")):
@@ -132,5 +131,4 @@ class TranslationTask(GenerationTask):
         return scores
 
     def metric_details(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
-
         return {} if wordnet() is not None else {"notes": [METEOR_NOTE]}

@@ -37,7 +37,6 @@ class Run:
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
-
     return rundir.read_json(path, what)
 
 
@@ -170,14 +169,12 @@ def _share_baselines(runs: list[Run]) -> None:
 
 
 def _scalars(metrics: dict[str, Any] | None) -> dict[str, float]:
-
     if not metrics:
         return {}
     return scalar_metrics({k: v for k, v in metrics.items() if k not in ("details", "baseline", "info")})
 
 
 def _task_class(record: dict[str, Any]) -> Any:
-
     preset = (record.get("task") or {}).get("preset")
     return TASKS.get(preset).cls if preset in TASKS else None
 
@@ -224,7 +221,6 @@ def example_scores(rows: list[dict[str, Any]], metrics: list[str], record: dict[
 
 def _text_scorer(record: dict[str, Any]) -> Any:
     """The run's task's text scoring function (generation tasks have one), or None."""
-
     try:
         task = resolve_values(dict(record.get("config") or {})).task
     except FtctlError:
@@ -233,7 +229,6 @@ def _text_scorer(record: dict[str, Any]) -> Any:
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-
     a = np.asarray(values, dtype=float)
     return {
         "n": int(a.size),
@@ -295,18 +290,12 @@ def _row(run: Run, after: dict[str, float], metrics: list[str]) -> dict[str, Any
         "after_source": "eval.json" if run.scored else "run.json metrics (validation)",
         "before": before,
         "baseline_from": str(run.baseline_dir.resolve()) if run.baseline_dir else None,
-        "delta": {
-            m: after[m] - before[m]
-            for m in metrics
-            if before and m in before and m in after
-        },
+        "delta": {m: after[m] - before[m] for m in metrics if before and m in before and m in after},
         "evaluated_on": (run.scored or {}).get("info", {}).get("data") or (rec.get("data") or {}).get("source"),
         "examples": (run.scored or {}).get("info", {}).get("examples"),
         "history": {
             "train": [(h["step"], h["loss"]) for h in rec.get("history", []) if "loss" in h and "step" in h],
-            "eval": [
-                (h["step"], h["eval_loss"]) for h in rec.get("history", []) if "eval_loss" in h and "step" in h
-            ],
+            "eval": [(h["step"], h["eval_loss"]) for h in rec.get("history", []) if "eval_loss" in h and "step" in h],
         },
     }
     views = detail_views(run)

@@ -31,7 +31,6 @@ class Display:
     }
 
     def __init__(self, runner: Runner):
-
         self.runner = runner
         # the terminal as it is now: a cell's evaluation redirects sys.stdout to its log for a while
         self.console = Console(file=sys.stdout, highlight=False)
@@ -39,7 +38,6 @@ class Display:
 
     def __enter__(self) -> Display:
         if self.console.is_terminal:
-
             self.live = Live(get_renderable=self.table, console=self.console, refresh_per_second=2)
             self.live.__enter__()
         return self
@@ -64,7 +62,6 @@ class Display:
         return f"{s['metric']} {before}{s['after']:.4f}"
 
     def table(self) -> Any:
-
         runner = self.runner
         done = sum(c.status == DONE for c in runner.cells)
         total = sum(c.status not in (REFUSED, EXCLUDED) for c in runner.cells)

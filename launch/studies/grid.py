@@ -38,7 +38,6 @@ LOCK = ".grid.lock"
 
 # ---- entry point ---------------------------------------------------------------------------------------------------
 def build_parser() -> Any:
-
     parser = Parser(
         prog="ftctl grid",
         description="Run a comparison grid (models x tasks x methods x seeds) from a YAML file, one run directory "
@@ -116,7 +115,6 @@ class _Lock:
         self.file: Any = None
 
     def __enter__(self) -> _Lock:
-
         self.file = self.path.open("a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -131,8 +129,6 @@ class _Lock:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) a grid; returns the grid state written to grid.json."""
-
-
     quiet()
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = build_parser().parse_strict(argv)
@@ -145,7 +141,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan(spec, cells, grid_dir, launch_options)
     command = ["ftctl", "grid", *argv]
     runner = Runner(spec, cells, grid_dir, launch_options, command)
-
 
     console = Console(highlight=False)
     if opts["dry_run"]:
@@ -198,7 +193,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _report(grid_dir: Path, console: Any) -> None:
-
     if not (grid_dir / GRID_FILE).is_file():
         return
     out = grid_dir / "report"

@@ -25,7 +25,6 @@ def _name(task: dict[str, Any], row: dict[str, Any]) -> str:
 
 
 def _figure(cols: int, rows: int, width: float = 4.2, height: float = 3.0) -> Any:
-
     fig = Figure(figsize=(width * cols, height * rows), dpi=80, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes

@@ -179,7 +179,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def html(report: dict[str, Any]) -> str:
-
     def code(text: str) -> str:
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", escape(text)))
 

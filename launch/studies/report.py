@@ -54,7 +54,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def build(paths: list[str], out: Path, overwrite: bool = False, fmt: str = "md", title: str | None = None) -> dict:
     """Read the runs, then write the report into `out` (staged next to it, then moved in). Returns report.json."""
-
     _check_output(out, overwrite)
     runs, missing, grids = collect(paths)
     report = assemble(runs, missing, title or ("ftctl report: " + (", ".join(grids) if grids else f"{len(runs)} runs")))
@@ -80,7 +79,6 @@ def build(paths: list[str], out: Path, overwrite: bool = False, fmt: str = "md",
 
 
 def build_parser() -> Any:
-
     parser = Parser(
         prog="ftctl report",
         description="Compare finished runs: per task a table of training cost and metrics before/after "
@@ -100,7 +98,6 @@ def build_parser() -> Any:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-
     quiet()
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = build_parser().parse_strict(argv)

@@ -104,7 +104,6 @@ def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, launch_options: dict
 
 def cell_launcher(launch_options: dict[str, Any]) -> dict[str, Any]:
     """The accelerate config each cell is launched with (its processes as the grid sets them), as a mapping."""
-
     config: dict[str, Any] = {}
     if launch_options.get("accelerate_config"):
         config = configs.read_accelerate(configs.resolve_accelerate_config(str(launch_options["accelerate_config"])))
@@ -116,7 +115,6 @@ def cell_launcher(launch_options: dict[str, Any]) -> dict[str, Any]:
 def _resumable(cell: Cell, run: Any, run_dir: Path) -> bool:
     """An unfinished cell continues from its newest checkpoint, unless it has none, its method cannot resume, or the
     grid file now gives it other options (its checkpoint belongs to another run: it starts again)."""
-
 
     if get_last_checkpoint(str(run_dir)) is None:
         return False
@@ -133,7 +131,6 @@ def _resumable(cell: Cell, run: Any, run_dir: Path) -> bool:
 
 def _changed(recorded: dict[str, Any], values: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """The first option whose value in a run's record (`run.json` or `spec.json`) differs from the cell's now."""
-
     ran = recorded.get("config", {})
     given = set(recorded.get("explicit", [])) - {"output_dir", "overwrite", "resume", "resume_from"}
     for key in sorted(given | set(values)):
@@ -146,7 +143,6 @@ def _changed(recorded: dict[str, Any], values: dict[str, Any]) -> tuple[str, Any
 
 def _check_unchanged(cell: Cell, run_dir: Path) -> None:
     """A finished cell must have run with the options the grid file gives it now; else say what changed."""
-
     record_path = run_dir / rundir.RUN_FILE
     if not record_path.is_file():
         return
@@ -205,13 +201,11 @@ class Runner:
 
     # ---- state file ------------------------------------------------------------------------------------------
     def _has_baseline(self, cell: Cell) -> bool:
-
         path = self.dir / cell.id / "eval.json"
         return path.is_file() and "baseline" in rundir.read_json(path, "evaluation")
 
     def _summary(self, cell: Cell) -> dict[str, Any]:
         """The cell's headline numbers for grid.json and the live table (the report has them all)."""
-
         record = rundir.read_json(self.dir / cell.id / rundir.RUN_FILE, "run record")
         metric = TASKS.get(cell.task.name).cls.primary_metric
         out = {
@@ -282,7 +276,6 @@ class Runner:
         }
 
     def save(self) -> None:
-
         rundir.write_json(self.dir / GRID_FILE, self.state())
 
     # ---- one cell --------------------------------------------------------------------------------------------
@@ -298,7 +291,6 @@ class Runner:
         if cell.status == INTERRUPTED:
             argv.append("--resume" if cell.resume else "--overwrite")
         if self.launch_options:
-
             options = {"rendezvous_timeout": 300, **self.launch_options}
             return launcher.build_command(options, argv)
         return [sys.executable, "-m", "launch.train", *argv]
@@ -314,7 +306,6 @@ class Runner:
         """Score the cell with `launch.evaluate.main` in this process: no second start of torch and transformers
         per cell, and evaluation reports no memory or speed figures that another process would have to isolate.
         Its output goes to the cell's log; any failure is the cell's, not the grid's."""
-
 
         log = self.dir / LOGS / f"{cell.id}.log"
         with log.open("a", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -336,7 +327,6 @@ class Runner:
         return code
 
     def _run(self, cell: Cell, cmd: list[str]) -> int:
-
         log = self.dir / LOGS / f"{cell.id}.log"
         with log.open("a", encoding="utf-8") as out:
             out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {cell.stage}: {shlex.join(cmd)}\n")
@@ -364,8 +354,6 @@ class Runner:
                 self.proc = None
 
     def run_cell(self, cell: Cell) -> None:
-
-
         cell.attempts += 1
         cell.error, cell.step = None, None
         cell.started = clock = time.time()
@@ -396,7 +384,6 @@ class Runner:
         self.save()
 
     def _failed(self, cell: Cell, stage: str, code: int, clock: float) -> None:
-
         cell.seconds, cell.stage = time.time() - clock, None
         if self.signals:  # stopped on purpose: the next run continues it (plan() looks at what is on disk)
             cell.status = TRAINED if (self.dir / cell.id / rundir.RUN_FILE).is_file() else INTERRUPTED
@@ -449,7 +436,6 @@ def _stop_with_parent() -> None:
     leaves no training running on its own (which would race the next run of the grid for the same directory).
     Linux only; elsewhere the cell finishes by itself."""
     try:
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

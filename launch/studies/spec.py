@@ -108,7 +108,6 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 
 def _options(raw: Any, where: str, specs: dict[str, Any]) -> dict[str, Any]:
     """Option values from the grid file, checked and converted like a `--config` file's keys."""
-
     out: dict[str, Any] = {}
     for key, value in _mapping(raw, where).items():
         name = str(key).replace("-", "_")
