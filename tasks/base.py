@@ -253,6 +253,14 @@ class Task:
         """Arguments a user passes to `auto_model.from_pretrained(base, ...)` to put an adapter back on the base."""
         return {}
 
+    def pad_arg(self, model_config: PretrainedConfig) -> dict[str, int]:
+        """The pad id a sequence-level head reads the last real token by: the base's own, else the one `build_model`
+        set from the prepared tokenizer (GPT-2 and Llama checkpoints have none)."""
+        pad = getattr(model_config, "pad_token_id", None)
+        if pad is None and self.tokenizer is not None:
+            pad = self.tokenizer.pad_token_id
+        return {"pad_token_id": pad} if pad is not None else {}
+
     def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         raise NotImplementedError
 

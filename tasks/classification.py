@@ -126,9 +126,7 @@ class ClassificationTask(Task):
             "id2label": dict(enumerate(names)),
             "label2id": {n: i for i, n in enumerate(names)},
         }
-        if getattr(model_config, "pad_token_id", None) is not None:
-            args["pad_token_id"] = model_config.pad_token_id
-        return args
+        return {**args, **self.pad_arg(model_config)}
 
     def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         names = self.label_names

@@ -291,6 +291,7 @@ class ExtractiveQaTask(Task):
                     "index": i,
                     "id": example.get("id", i),
                     "question": example["question"],
+                    "context": example["context"],
                     "answers": answer["golds"],
                     "prediction": predicted,
                     "exact_match": max(exact_match(predicted, g) for g in golds),

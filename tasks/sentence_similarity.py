@@ -111,9 +111,7 @@ class SentenceSimilarityTask(Task):
     # ---- model ------------------------------------------------------------------------------------------------
     def load_args(self, model_config: PretrainedConfig) -> dict[str, Any]:
         args: dict[str, Any] = {"num_labels": 1, "problem_type": "regression"}
-        if getattr(model_config, "pad_token_id", None) is not None:
-            args["pad_token_id"] = model_config.pad_token_id
-        return args
+        return {**args, **self.pad_arg(model_config)}
 
     def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         model = self.load_pretrained(
