@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import datasets
+import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -104,6 +105,18 @@ class ScoresTexts(Protocol):
     """Outputs are texts, scored by a function of (predictions, references): per example in reports."""
 
     def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class ExampleStatistics(Protocol):
+    """Metrics recomputable from the predictions file: each row becomes a vector of additive statistics, and the
+    task's metrics are a function of their sums (tasks/statistics.py). Reports resample evaluation examples with
+    it (bootstrap intervals, paired comparisons), corpus-level metrics included. Both hooks read only their
+    arguments (`state` is the run's recorded task state), so a report calls them on a bare task."""
+
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray: ...
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]: ...
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 from ftctl.errors import FtctlError
 from ftctl.vocab import Family, TaskKind
 from tasks import labels as class_labels
+from tasks import statistics
 from tasks.base import DetailView, ModelFit, Preset, Task, register_task
 
 
@@ -193,6 +194,15 @@ class ClassificationTask(Task):
         if not isinstance(cm, dict):
             return []
         return [DetailView("matrix", "confusion matrix", [str(x) for x in cm["labels"]], cm["matrix"], "examples")]
+
+    # ---- statistics for reports (tasks/statistics.py) ---------------------------------------------------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        index = {str(n): i for i, n in enumerate(state["label_names"])}
+        gold = [index[str(r["label"])] for r in rows]
+        return statistics.class_statistics(gold, [index.get(str(r["prediction"]), -1) for r in rows], len(index))
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return statistics.class_metrics(totals, len(state["label_names"]))
 
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         ids = class_labels.class_ids(self.state)

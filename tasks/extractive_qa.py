@@ -35,6 +35,7 @@ from ftctl import dataio
 from ftctl.errors import FtctlError, warn
 from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
+from tasks import statistics
 from tasks.base import ModelFit, Preset, Task, fresh_modules, register_task
 from tasks.metrics import exact_match, squad_scores, token_f1
 
@@ -280,6 +281,13 @@ class ExtractiveQaTask(Task):
     def example_predictions(self, predictions: Any, encoded: datasets.Dataset) -> list[dict[str, Any]]:
         answers = self.decode(predictions, encoded)
         return [answers[i] for i in sorted(answers)]
+
+    # ---- statistics for reports (tasks/statistics.py): EM and F1 are averages over questions --------------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        return statistics.mean_statistics({m: [float(r[m]) for r in rows] for m in ("exact_match", "f1")})
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return statistics.mean_metrics(totals, ("exact_match", "f1"), scale=100.0)
 
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         rows = []

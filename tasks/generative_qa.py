@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import datasets
+import numpy as np
 
 from ftctl.errors import FtctlError
+from tasks import statistics
 from tasks.base import Preset, register_task
 from tasks.extractive_qa import COLUMNS, ExtractiveQaTask, answers_of
 from tasks.generation import GenerationTask
-from tasks.metrics import squad_scores
+from tasks.metrics import exact_match, squad_scores, token_f1
 
 
 @register_task
@@ -69,3 +71,17 @@ class GenerativeQaTask(GenerationTask):
 
     def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         return {k: float(v) for k, v in squad_scores(predictions, references).items()}
+
+    # ---- statistics for reports (tasks/statistics.py): EM and F1 are averages over questions --------------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        golds = [r.get("references") or [r["reference"]] for r in rows]
+        values = {
+            "exact_match": [
+                max(exact_match(r["prediction"], g) for g in gs) for r, gs in zip(rows, golds, strict=True)
+            ],
+            "f1": [max(token_f1(r["prediction"], g) for g in gs) for r, gs in zip(rows, golds, strict=True)],
+        }
+        return statistics.mean_statistics(values)
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return statistics.mean_metrics(totals, ("exact_match", "f1"), scale=100.0)

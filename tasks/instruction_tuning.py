@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 
 from ftctl.errors import FtctlError
@@ -143,6 +144,16 @@ class InstructionTuningTask(GenerationTask):
     def add_samples(self, predictions: Any, generated: Any) -> Any:
         return {**predictions, "samples": self.texts(generated)}
 
+    # ---- statistics for reports (tasks/statistics.py): perplexity is exp(summed NLL / summed tokens) -------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        return np.asarray([[float(r["nll"]), float(r["tokens"])] for r in rows], dtype=float).reshape(-1, 2)
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        mean = np.divide(
+            totals[..., 0], totals[..., 1], out=np.full(totals.shape[:-1], np.nan), where=totals[..., 1] > 0
+        )
+        return {"perplexity": np.exp(mean)}
+
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         rows = []
         for i, example in enumerate(raw):
@@ -153,6 +164,8 @@ class InstructionTuningTask(GenerationTask):
                 "prompt": head + body + tail,
                 "reference": self.target(example),
                 "perplexity": round(math.exp(nll / tokens), 4) if tokens else None,
+                "nll": nll,
+                "tokens": int(tokens),
             }
             if i < len(predictions["samples"]):
                 row["generated"] = predictions["samples"][i]

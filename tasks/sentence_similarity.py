@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ftctl.errors import FtctlError
 from ftctl.vocab import Family, TaskKind
+from tasks import statistics
 from tasks.base import Preset, Task, register_task
 
 if TYPE_CHECKING:  # annotations only
@@ -149,6 +150,14 @@ class SentenceSimilarityTask(Task):
             "mse": float(np.mean((predicted - gold) ** 2)),
         }
 
+    # ---- statistics for reports (tasks/statistics.py): Pearson's r and the MSE; Spearman's rho ranks the whole
+    # evaluation set and has no additive form, so it gets no resampled interval ------------------------------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        return statistics.moment_statistics([r["prediction"] for r in rows], [r["label"] for r in rows])
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return statistics.moment_metrics(totals)
+
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         first, second = self.cfg.text_column
         column = self.cfg.label_column
@@ -158,7 +167,7 @@ class SentenceSimilarityTask(Task):
                 "text": example[first],
                 "text_pair": example[second],
                 "label": _score(example[column], "data", column, i),
-                "prediction": round(float(predictions[i]), 6),
+                "prediction": float(predictions[i]),
             }
             for i, example in enumerate(raw)
         ]

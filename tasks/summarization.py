@@ -14,8 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import datasets
+import numpy as np
 
 from ftctl import dataio
+from tasks import statistics
 from tasks.base import Preset, register_task
 from tasks.generation import GenerationTask, require_columns
 from tasks.metrics import rouge_scores
@@ -70,3 +72,11 @@ class SummarizationTask(GenerationTask):
 
     def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         return rouge_scores(predictions, [r[0] for r in references])
+
+    # ---- statistics for reports (tasks/statistics.py): ROUGE F-measures are averages over documents --------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        per_row = [rouge_scores([r["prediction"]], [r["reference"]]) for r in rows]
+        return statistics.mean_statistics({m: [s[m] for s in per_row] for m in self.metrics})
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return statistics.mean_metrics(totals, self.metrics)

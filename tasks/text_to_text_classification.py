@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import datasets
+import numpy as np
 
 from ftctl.vocab import Family
 from tasks import labels as class_labels
+from tasks import statistics
 from tasks.base import Preset, register_task
 from tasks.classification import ClassificationTask
 from tasks.generation import GenerationOptions, GenerationTask
@@ -102,6 +104,19 @@ class TextToTextClassificationTask(GenerationTask):
         texts = self.texts(predictions)
         invalid = sorted({t for t, c in zip(texts, self.classes(texts), strict=True) if c < 0})
         return {"invalid_predictions": {"count": sum(c < 0 for c in self.classes(texts)), "examples": invalid[:20]}}
+
+    # ---- statistics for reports (tasks/statistics.py) ---------------------------------------------------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        """Classes as `classes` finds them (the label word, case and spaces aside), plus whether it was one."""
+        index = {str(n).strip().lower(): i for i, n in enumerate(state["label_names"])}
+        gold = [index[str(r["label"]).strip().lower()] for r in rows]
+        predicted = [index.get(str(r["prediction"]).strip().lower(), -1) for r in rows]
+        invalid = np.asarray([[p < 0] for p in predicted], dtype=float).reshape(-1, 1)
+        return np.concatenate([statistics.class_statistics(gold, predicted, len(index)), invalid], axis=1)
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        scores = statistics.class_metrics(totals[..., :-1], len(state["label_names"]))
+        return {"accuracy": scores["accuracy"], "f1": scores["f1"], "invalid": totals[..., -1]}
 
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         rows = []

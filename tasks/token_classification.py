@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import numpy as np
 import torch
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
@@ -28,6 +29,7 @@ from ftctl import dataio
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
+from tasks import statistics
 from tasks.base import DetailView, ModelFit, Preset, Task, register_task
 
 if TYPE_CHECKING:  # annotations only
@@ -280,6 +282,13 @@ class TokenClassificationTask(Task):
 
     def example_predictions(self, predictions: Any, encoded: datasets.Dataset) -> list[list[str]]:
         return self._word_tags(predictions, encoded)[0]
+
+    # ---- statistics for reports (tasks/statistics.py) ---------------------------------------------------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        return statistics.entity_statistics([r["tags"] for r in rows], [r["prediction"] for r in rows])
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return statistics.entity_metrics(totals)
 
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         rows = []

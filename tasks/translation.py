@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 from ftctl import dataio
 from ftctl.errors import FtctlError
 from ftctl.options import option
+from tasks import statistics
 from tasks.base import Preset, register_task
 from tasks.generation import GenerationOptions, GenerationTask
 from tasks.metrics import METEOR_NOTE, translation_scores, wordnet
@@ -132,3 +134,37 @@ class TranslationTask(GenerationTask):
 
     def metric_details(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
         return {} if wordnet() is not None else {"notes": [METEOR_NOTE]}
+
+    # ---- statistics for reports (tasks/statistics.py): corpus BLEU and chrF from sacreBLEU's sufficient
+    # statistics (as its own paired bootstrap resamples them); METEOR is an average over sentences ------------------
+    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+        predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+        bleu, chrf = _sacrebleu_metrics()
+        parts = [statistics.sacrebleu_statistics(m, predictions, references) for m in (bleu, chrf)]
+        if wordnet() is not None:
+            meteor = [translation_scores([p], [r])[0]["meteor"] for p, r in zip(predictions, references, strict=True)]
+            parts.append(statistics.mean_statistics({"meteor": meteor}))
+        return np.concatenate(parts, axis=1)
+
+    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        bleu, chrf = _sacrebleu_metrics()
+        widths = [_width(bleu), _width(chrf)]
+        out = {
+            "bleu": statistics.sacrebleu_scores(bleu, totals[..., : widths[0]]),
+            "chrf": statistics.sacrebleu_scores(chrf, totals[..., widths[0] : sum(widths)]),
+        }
+        if totals.shape[-1] > sum(widths):  # METEOR was computed (WordNet present)
+            out.update(statistics.mean_metrics(totals[..., sum(widths) :], ("meteor",)))
+        return out
+
+
+def _sacrebleu_metrics() -> tuple[Any, Any]:
+    """sacreBLEU's BLEU and chrF with the settings `corpus_bleu` and `corpus_chrf` use."""
+    from sacrebleu.metrics import BLEU, CHRF  # deferred: a heavy import, paid by translation reports only
+
+    return BLEU(), CHRF()
+
+
+def _width(metric: Any) -> int:
+    """How many sufficient statistics the metric keeps per sentence."""
+    return len(metric._extract_corpus_statistics(["a"], [["a"]])[0])

@@ -76,7 +76,10 @@ def regression(case: dict) -> dict:
     with torch.no_grad():
         scores = model(**enc).logits[:, 0].tolist()
     classify = pipe(case, "text-classification", function_to_apply="none")
-    return {"auto": scores, "pipeline": [classify({"text": r["text"], "text_pair": r["text_pair"]})["score"] for r in rows]}
+    return {
+        "auto": scores,
+        "pipeline": [classify({"text": r["text"], "text_pair": r["text_pair"]})["score"] for r in rows],
+    }
 
 
 def tokens(case: dict) -> dict:
@@ -157,5 +160,7 @@ KINDS = {f.__name__: f for f in (classification, regression, tokens, qa, seq2seq
 if __name__ == "__main__":
     cases = json.load(open(sys.argv[1]))
     results = {case["name"]: KINDS[case["kind"]](case) for case in cases}
-    results["ftctl_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("ftctl", "launch", "tasks", "methods"))
+    results["ftctl_modules"] = sorted(
+        m for m in sys.modules if m.split(".")[0] in ("ftctl", "launch", "tasks", "methods")
+    )
     print(json.dumps(results))

@@ -115,6 +115,27 @@ def test_task_trains_and_evaluates(models, files, tmp_path, preset, family, sour
         assert set(keys) <= set(result["baseline"])
         assert (run_dir / "eval_baseline_predictions.jsonl").is_file()
     assert len(read_jsonl(run_dir / "eval_predictions.jsonl")) == len(rows)
+    check_statistics_reproduce(record, read_jsonl(run_dir / "eval_predictions.jsonl"), result)
+
+
+def check_statistics_reproduce(record: dict, rows: list[dict], metrics: dict) -> None:
+    """The per-example statistics reports resample (tasks/statistics.py), summed over every example, give back the
+    metrics the task's own evaluation reported: corpus-level ones (entity F1, BLEU, Pearson) included."""
+    import numpy as np
+
+    from tasks import TASKS
+    from tasks.base import ExampleStatistics
+
+    cls = TASKS.get(record["task"]["preset"]).cls
+    task = cls.__new__(cls)  # the hooks read only their arguments, as a report calls them
+    assert isinstance(task, ExampleStatistics), cls
+    state = record["task"]["state"]
+    recomputed = task.metrics_from_totals(task.example_statistics(rows, state).sum(axis=0), state)
+    assert set(recomputed) <= set(metrics) and recomputed, (recomputed, metrics)
+    for name, value in recomputed.items():
+        assert float(value) == pytest.approx(metrics[name], rel=1e-6, abs=1e-6), name
+    many = np.stack([task.example_statistics(rows, state).sum(axis=0)] * 3)  # vectorized over resamples
+    assert all(np.shape(v) == (3,) for v in task.metrics_from_totals(many, state).values())
 
 
 REFUSED = [
