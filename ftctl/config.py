@@ -58,6 +58,12 @@ class RunConfig:
         "allowing); evaluations during training score it, and `ftctl evaluate` the test split if any, else it",
         group=DATA,
     )
+    validation_from_train: bool = option(
+        False,
+        "carve the validation split from the train data even when the data has validation or test splits, which are "
+        "then not used (how a grid's search trials are scored: never on the evaluation data)",
+        group=DATA,
+    )
     max_length: int | None = option(None, "truncate inputs to this many tokens (default: per task)", group=DATA)
     token_cache: bool = option(
         True,

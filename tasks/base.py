@@ -185,8 +185,11 @@ class Task:
         if any(files.values()):
             if not cfg.train_file:
                 raise FtctlError("--validation-file/--test-file given without --train-file; training needs train data")
-            splits = {name: self.read_file(path, f"{name} file") for name, path in files.items() if path}
-            source = ", ".join(f"{n}={p}" for n, p in files.items() if p)
+            wanted = ("train",) if cfg.validation_from_train else tuple(files)
+            splits = {
+                name: self.read_file(path, f"{name} file") for name, path in files.items() if path and name in wanted
+            }
+            source = ", ".join(f"{n}={p}" for n, p in files.items() if p and n in wanted)
         elif cfg.dataset:
             splits = dataio.load_hub(cfg.dataset, cfg.dataset_config)
             source = f"hub:{cfg.dataset}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "")
@@ -205,6 +208,9 @@ class Task:
         if "train" not in splits:
             raise FtctlError(f"the data from {source} has no train split")
         splits = self.clean(splits)
+        if self.cfg.validation_from_train:  # a search trial: the data's own evaluation splits stay unread
+            splits = {"train": splits["train"]}
+            source += " (validation carved from train)"
         if "validation" not in splits:
             pool, fraction = held_out_pool(splits["train"], self.cfg.max_train_samples, self.cfg.validation_split)
             splits["train"], splits["validation"] = self.split_off(pool, fraction)

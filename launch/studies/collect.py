@@ -16,6 +16,7 @@ from ftctl.errors import FtctlError
 from launch import rundir
 from launch.config import resolve_values
 from launch.console import scalar_metrics
+from launch.studies import analysis
 from tasks import TASKS
 from tasks.base import ReportsDetails, ScoresTexts
 
@@ -34,6 +35,7 @@ class Run:
     seed: Any
     baseline_dir: Path | None = None  # the run directory whose eval.json holds this run's baseline
     baseline: dict[str, Any] | None = None
+    searched: dict[str, Any] | None = None  # the values its grid's search chose for it
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
@@ -83,19 +85,31 @@ def _run(path: Path, label: str, cell: dict[str, Any] | None = None) -> Run:
     return run
 
 
-def collect(paths: list[str]) -> tuple[list[Run], list[dict[str, Any]], list[str]]:
-    """(finished runs, grid cells without results, grid names) from grid directories, folders of runs and runs."""
+@dataclasses.dataclass
+class Collected:
+    runs: list[Run]
+    missing: list[dict[str, Any]]  # grid cells without results
+    grids: list[str]  # grid names
+    searches: list[dict[str, Any]]  # the grids' searches (grid.json: search), for the search curves
+
+
+def collect(paths: list[str]) -> Collected:
+    """Finished runs, grid cells without results, grid names and searches, from grid directories, folders of runs
+    and run directories."""
     runs: list[Run] = []
     missing: list[dict[str, Any]] = []
     grids: list[str] = []
+    searches: list[dict[str, Any]] = []
 
     def add_grid(grid: Path) -> None:
         state = _read(grid / "grid.json", "grid state")
         grids.append(str(state.get("name") or grid.name))
+        searches.extend(record for record in (state.get("search") or {}).values() if record.get("trials"))
         for cell in state.get("cells", []):
             path = grid / cell["run_dir"]
             if (path / "run.json").is_file():
                 run = _run(path, cell["id"], cell)
+                run.searched = cell.get("searched")
                 source = cell.get("baseline_cell")
                 if run.baseline is None and source and (grid / source / "eval.json").is_file():
                     base = _read(grid / source / "eval.json", "evaluation").get("baseline")
@@ -138,7 +152,7 @@ def collect(paths: list[str]) -> tuple[list[Run], list[dict[str, Any]], list[str
         if seen[run.label] > 1:
             run.label = f"{run.label} ({run.path.parent.name})"
     _share_baselines(runs)
-    return runs, missing, grids
+    return Collected(runs, missing, grids, searches)
 
 
 def _eval_key(run: Run) -> tuple | None:
@@ -283,6 +297,8 @@ def _row(run: Run, after: dict[str, float], metrics: list[str]) -> dict[str, Any
         "reduction_percent": rec.get("reduction_percent"),
         **_size(rec),
         "train_runtime_s": rec.get("train_runtime_s"),
+        "device_hours": _device_hours(rec),
+        "searched": run.searched,
         "samples_per_second": rec.get("samples_per_second"),
         "tokens_per_second": rec.get("tokens_per_second"),
         "peak_memory_mb": rec.get("peak_memory_mb"),
@@ -304,6 +320,14 @@ def _row(run: Run, after: dict[str, float], metrics: list[str]) -> dict[str, Any
     return row
 
 
+def _device_hours(record: dict[str, Any]) -> float | None:
+    """Training time times the processes that trained (one device each on GPUs, one process each on a CPU)."""
+    seconds = record.get("train_runtime_s")
+    if not _is_number(seconds):
+        return None
+    return float(seconds) * int((record.get("launch") or {}).get("num_processes") or 1) / 3600
+
+
 def _add_per_example(rows: list[dict[str, Any]], scores: list[tuple[dict, dict]], metrics: list[str]) -> None:
     """Per-example scores: the task's metrics in its order, at most MAX_SCORE_METRICS of them."""
     found = [m for m in [*metrics, "score"] if any(m in after for after, _ in scores)][:MAX_SCORE_METRICS]
@@ -319,22 +343,31 @@ def _add_per_example(rows: list[dict[str, Any]], scores: list[tuple[dict, dict]]
             row["per_example"] = per_example
 
 
-def assemble(runs: list[Run], missing: list[dict[str, Any]], title: str) -> dict[str, Any]:
+def assemble(collected: Collected, title: str) -> dict[str, Any]:
     """Everything the report shows, as data: what report.json holds and the markdown and plots are drawn from."""
     groups: dict[str, list[Run]] = {}
-    for run in runs:
+    for run in collected.runs:
         groups.setdefault(run.task, []).append(run)
     tasks = []
     for name, members in groups.items():
         after = {r.label: _scalars(r.scored) if r.scored else _scalars(r.record.get("metrics")) for r in members}
         metrics = _metric_order(members, after)
-        rows, scores = [], []
+        rows, scores, studied = [], [], []
         for run in members:
             rows.append(_row(run, after[run.label], metrics))
             after_rows = _rows(run.path / ("eval_predictions.jsonl" if run.scored else "predictions.jsonl"))
             before_rows = _rows(run.baseline_dir / "eval_baseline_predictions.jsonl") if run.baseline_dir else []
             rec = run.record
             scores.append((example_scores(after_rows, metrics, rec), example_scores(before_rows, metrics, rec)))
+            studied.append(
+                {
+                    "row": rows[-1],
+                    "seed": run.seed,
+                    "evaluation": analysis.evaluation(run, after_rows, _task_class(rec)),
+                    "after_rows": after_rows,
+                    "before_rows": before_rows,
+                }
+            )
         _add_per_example(rows, scores, metrics)
         first = members[0]
         tasks.append(
@@ -347,12 +380,22 @@ def assemble(runs: list[Run], missing: list[dict[str, Any]], title: str) -> dict
                 "seeds": len({str(r["seed"]) for r in rows}) > 1,
                 "models": len({r["model"] for r in rows}) > 1,
                 "rows": rows,
+                "before_is": _before_is(first.record),
+                "searches": [s for s in collected.searches if s.get("task") == name],
             }
         )
+        tasks[-1].update(analysis.analyse(tasks[-1], studied))
     return {
         "title": title,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "runs": len(runs),
+        "runs": len(collected.runs),
         "tasks": tasks,
-        "not_reported": missing,
+        "not_reported": collected.missing,
     }
+
+
+def _before_is(record: dict[str, Any]) -> str:
+    """What the baseline of this task's runs is, so that "before" never looks like more than it is."""
+    if (record.get("task") or {}).get("kind") == "generation":
+        return "the base model as it is, prompted the same way (zero-shot)"
+    return "the base model with a new, untrained task head (about chance level)"

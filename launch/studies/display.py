@@ -47,6 +47,8 @@ class Display:
             self.live.__exit__(*exc)
 
     def _status(self, cell: Cell) -> str:
+        if cell.stage == "search":
+            return f"searching: trial {cell.step[0]}/{cell.step[1]}" if cell.step else "searching"
         if cell.stage == "train":
             return f"training {cell.step[0]}/{cell.step[1]}" if cell.step else "training (starting)"
         if cell.stage == "evaluate":
@@ -100,3 +102,9 @@ class Display:
             self.console.print(
                 f"[{position}/{len(runner.cells)}] {cell.id}: {cell.status}{took}: {outcome}", markup=False
             )
+
+    def message(self, text: str) -> None:
+        """A line about the grid's progress outside one cell (a search trial): printed unless the live table shows
+        the same."""
+        if self.live is None:
+            self.console.print(text, markup=False)

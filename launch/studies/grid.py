@@ -30,6 +30,7 @@ from launch import launcher
 from launch.configs import RECIPES
 from launch.quiet import quiet
 from launch.studies import report
+from launch.studies import search as searching
 from launch.studies.runner import CONFIGS, GRID_FILE, LOGS, SPEC_COPY, CellsFailed, Runner, plan
 from launch.studies.spec import FAILED, FINAL, REFUSED, TRAINED, GridSpec, expand, load_spec
 
@@ -138,13 +139,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     launch_options = _launch_options(spec, opts)
     grid_dir = _grid_dir(spec, opts["output_dir"])
     cells = expand(spec)
+    found = searching.searches(spec, cells, grid_dir)
+    searching.apply_known(found)  # values chosen by an earlier run of the grid, before planning compares cells
     plan(spec, cells, grid_dir, launch_options)
     command = ["ftctl", "grid", *argv]
-    runner = Runner(spec, cells, grid_dir, launch_options, command)
+    runner = Runner(spec, cells, grid_dir, launch_options, command, found)
 
     console = Console(highlight=False)
     if opts["dry_run"]:
         state = runner.state()
+        for item in runner.searches:
+            chosen = f"chosen: {item.cells[0].searched}" if item.cells[0].searched else f"{item.size()} trials"
+            print(f"search {item.key}: {item.space} ({chosen}; scored on a split of the training data)")
         for cell in cells:
             print(f"{cell.id}: {cell.status}" + (f" ({cell.error})" if cell.status == REFUSED else ""))
             if cell.status not in FINAL:

@@ -9,6 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from launch.studies import stats
 from launch.studies.collect import _is_number
 
 
@@ -40,7 +41,7 @@ def plot_task(task: dict[str, Any], out: Path) -> dict[str, str]:
     slug, rows = _slug(task["task"]), task["rows"]
     names = [_name(task, r) for r in rows]
     files: dict[str, str] = {}
-    for draw in (_losses, _metrics, _matrices, _bars, _scores):
+    for draw in (_pareto, _metrics, _search, _losses, _matrices, _bars, _scores):
         files.update(draw(task, rows, names, out, slug))
     return files
 
@@ -65,31 +66,108 @@ def _losses(task: dict[str, Any], rows: list[dict], names: list[str], out: Path,
     return files
 
 
+def group_name(task: dict[str, Any], group: dict[str, Any]) -> str:
+    return f"{group['model']} / {group['method']}" if task["models"] else str(group["method"])
+
+
+def _error(summary: dict[str, Any] | None) -> tuple[float, float]:
+    """(below, above) the mean to the interval's ends; none without an interval."""
+    if not summary or not summary.get("ci") or summary.get("mean") is None:
+        return 0.0, 0.0
+    low, high = summary["ci"]
+    return max(0.0, summary["mean"] - low), max(0.0, high - summary["mean"])
+
+
 def _metrics(task: dict[str, Any], rows: list[dict], names: list[str], out: Path, slug: str) -> dict[str, str]:
-    files: dict[str, str] = {}
-    metrics = task["metrics"]
-    if metrics:
-        cols = min(3, len(metrics))
-        fig, axes = _figure(cols, math.ceil(len(metrics) / cols), width=max(3.2, 0.9 * len(rows) + 1.6))
-        for i, metric in enumerate(metrics):
-            ax = axes[i // cols][i % cols]
-            xs = range(len(rows))
-            before = [(r["before"] or {}).get(metric, math.nan) for r in rows]
-            after = [r["after"].get(metric, math.nan) for r in rows]
-            if any(_is_number(v) for v in before):
-                ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before (zero-shot)", color="#bbbbbb")
-                ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after", color="#1f77b4")
-            else:
-                ax.bar(list(xs), after, width=0.6, label="after", color="#1f77b4")
-            ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=7)
-            ax.set_title(metric)
-            ax.grid(axis="y", alpha=0.3)
-        for j in range(len(metrics), axes.size):
-            axes[j // cols][j % cols].set_visible(False)
-        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=7)
-        fig.suptitle(f"{task['task']}: before and after fine-tuning")
-        files["metrics"] = _save(fig, out / f"{slug}_metrics.png")
-    return files
+    """Before and after per (model, method), the after bar with its 95% interval, one panel per metric."""
+    groups = task.get("groups") or []
+    metrics = [m for m in task["metrics"] if any(m in g["metrics"] for g in groups)]
+    if not metrics:
+        return {}
+    labels = [group_name(task, g) for g in groups]
+    cols = min(3, len(metrics))
+    fig, axes = _figure(cols, math.ceil(len(metrics) / cols), width=max(3.2, 0.9 * len(groups) + 1.6))
+    for i, metric in enumerate(metrics):
+        ax = axes[i // cols][i % cols]
+        xs = range(len(groups))
+        before = [g["before"].get(metric) if _is_number(g["before"].get(metric)) else math.nan for g in groups]
+        after = [(g["metrics"].get(metric) or {}).get("mean", math.nan) for g in groups]
+        errors = [_error(g["metrics"].get(metric)) for g in groups]
+        yerr = [[e[0] for e in errors], [e[1] for e in errors]]
+        if any(_is_number(v) for v in before):
+            ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before", color="#bbbbbb")
+            ax.bar([x + 0.2 for x in xs], after, width=0.4, yerr=yerr, capsize=3, label="after", color="#1f77b4")
+        else:
+            ax.bar(list(xs), after, width=0.6, yerr=yerr, capsize=3, label="after", color="#1f77b4")
+        ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    for j in range(len(metrics), axes.size):
+        axes[j // cols][j % cols].set_visible(False)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=7)
+    fig.suptitle(f"{task['task']}: before and after fine-tuning")
+    return {"metrics": _save(fig, out / f"{slug}_metrics.png")}
+
+
+COSTS = (("trainable parameters", "trainable_params", True), ("training time (s)", "train_runtime_s", False),
+         ("peak memory (MB)", "peak_memory_mb", False))  # fmt: skip
+
+
+def _pareto(task: dict[str, Any], rows: list[dict], names: list[str], out: Path, slug: str) -> dict[str, str]:
+    """The main metric against each cost, with the front of results nothing beats on both."""
+    primary = task.get("primary")
+    groups = [g for g in task.get("groups") or [] if _is_number((g["metrics"].get(primary) or {}).get("mean"))]
+    panels = [c for c in COSTS if sum(_is_number(g.get(c[1])) for g in groups) >= 2]
+    if len(groups) < 2 or not panels:
+        return {}
+    fig, axes = _figure(len(panels), 1, width=4.4, height=3.4)
+    for ax, (label, key, log) in zip(axes[0], panels, strict=True):
+        shown = [g for g in groups if _is_number(g.get(key))]
+        xs = [float(g[key]) for g in shown]
+        ys = [g["metrics"][primary]["mean"] for g in shown]
+        errors = [_error(g["metrics"][primary]) for g in shown]
+        ax.errorbar(xs, ys, yerr=[[e[0] for e in errors], [e[1] for e in errors]], fmt="o", capsize=3, color="#1f77b4")
+        for x, y, g in zip(xs, ys, shown, strict=True):
+            ax.annotate(group_name(task, g), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        front = stats.pareto_front(list(zip(xs, ys, strict=True)), task.get("higher_is_better", True))
+        if len(front) > 1:
+            ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="#d62728", linewidth=1)
+        if log and min(xs) > 0:
+            ax.set_xscale("log")
+        ax.set(xlabel=label, ylabel=primary)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{task['task']}: {primary} against cost (front in red)")
+    return {"pareto": _save(fig, out / f"{slug}_pareto.png")}
+
+
+def _search(task: dict[str, Any], rows: list[dict], names: list[str], out: Path, slug: str) -> dict[str, str]:
+    """Each search's trials: the score against the searched value (the learning rate where it was searched)."""
+    searches = task.get("searches") or []
+    if not searches:
+        return {}
+    fig, axes = _figure(1, 1, width=5.0, height=3.6)
+    ax = axes[0][0]
+    option = next((o for s in searches for o in s["space"] if o == "learning_rate"), next(iter(searches[0]["space"])))
+    for search in searches:
+        trials = sorted((t for t in search["trials"] if option in t["params"] and _is_number(t.get("value"))),
+                        key=lambda t: t["params"][option])  # fmt: skip
+        if not trials:
+            continue
+        name = f"{search['model']} / {search['method']}" if task["models"] else search["method"]
+        xs, ys = [t["params"][option] for t in trials], [t["value"] for t in trials]
+        (line,) = ax.plot(xs, ys, label=name, linewidth=1)
+        for x, y, t in zip(xs, ys, trials, strict=True):
+            ax.plot(x, y, "x" if t["state"] == "pruned" else "o", color=line.get_color(), markersize=6)
+        best = (search.get("best") or {}).get("params", {}).get(option)
+        if best is not None:
+            ax.plot(best, search["best"]["value"], "*", color=line.get_color(), markersize=12)
+    if option == "learning_rate":
+        ax.set_xscale("log")
+    ax.set(xlabel=option, ylabel=f"{searches[0]['metric']} (split of the training data)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{task['task']}: search (o complete, x pruned, * chosen)")
+    return {"search": _save(fig, out / f"{slug}_search.png")}
 
 
 def _views(rows: list[dict], names: list[str], kind: str) -> list[tuple[str, dict[str, Any]]]:

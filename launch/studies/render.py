@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from html import escape
+from pathlib import Path
 from typing import Any
 
 from launch.studies.collect import _is_number
@@ -97,12 +99,171 @@ def _md_table(headers: list[str], body: list[list[str]]) -> str:
 
 EXPLAIN = (
     "**after**: the fine-tuned run scored by `ftctl evaluate` (its `eval.json`; the run's own validation metrics "
-    "from `run.json` where it was not evaluated), on the data named per task. **before**: the same base model with "
-    "an untrained task head, on the same data (the zero-shot baseline, `ftctl evaluate --baseline`). **Δ** = after "
-    "- before. Trainable params, reduction % (the share of parameters left frozen), size of the saved weights (the "
-    "adapter for PEFT methods), training time, training samples/s and peak memory (CUDA allocated on a GPU, process "
-    "RSS on CPU) come from each run's `run.json`."
+    "from `run.json` where it was not evaluated), on the data named per task. **before**: the base model before "
+    "fine-tuning, on the same data (`ftctl evaluate --baseline`; what it is for each task is said under its heading). "
+    "**Δ** = after - before. Trainable params, reduction % (the share of parameters left frozen), size of the saved "
+    "weights (the adapter for PEFT methods), training time (training steps only, without the evaluations), training "
+    "samples/s and peak memory (CUDA allocated on a GPU, process RSS on CPU) come from each run's `run.json`; "
+    "device-hours are training time x processes."
 )
+
+
+def _interval(summary: dict[str, Any] | None) -> str:
+    if not summary or summary.get("mean") is None:
+        return "-"
+    text = _fmt(summary["mean"], "metric")
+    if summary.get("ci"):
+        low, high = summary["ci"]
+        text += f" [{_fmt(low, 'metric')}, {_fmt(high, 'metric')}]"
+    return text
+
+
+def headline(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per (model, method): the main metric with its interval, the change from the baseline, the cost."""
+    primary = task.get("primary")
+    headers = ["", "model", "method", "seeds", f"{primary} [95% CI]", f"{primary} Δ vs before"]
+    headers += ["trainable %", "train time (s)", "peak memory (MB)", "device-hours", "searched"]
+    body = []
+    for group in task.get("groups", []):
+        mark = "★" if group.get("best") else "≈" if group.get("indistinguishable") else ""
+        searched = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (group["searched"] or {}).items()
+        )
+        body.append(
+            [
+                mark,
+                str(group["model"]),
+                str(group["method"]),
+                str(len(group["seeds"])),
+                _interval(group["metrics"].get(primary)),
+                _fmt(group["delta"].get(primary), "delta"),
+                _fmt(group["trainable_percent"], "pct"),
+                _fmt(group["train_runtime_s"], "s"),
+                _fmt(group["peak_memory_mb"], "mem"),
+                f"{group['device_hours']:.4f}" if _is_number(group["device_hours"]) else "-",
+                searched or "-",
+            ]
+        )
+    return headers, body
+
+
+def comparisons(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["comparison", f"Δ {task.get('primary')}", "95% CI", "p", "verdict", "paired on", "flips (best / other)"]
+    body = []
+    for c in task.get("comparisons", []):
+        if not c.get("paired"):
+            body.append([f"{c['a']} vs {c['b']}", "-", "-", "-", c["reason"], "-", "-"])
+            continue
+        flips = c.get("flips") or {}
+        body.append(
+            [
+                f"{c['a']} vs {c['b']}",
+                _fmt(c["difference"], "delta"),
+                f"[{_fmt(c['ci'][0], 'delta')}, {_fmt(c['ci'][1], 'delta')}]",
+                f"{c['p_value']:.3f}",
+                "within noise" if c["within_noise"] else "difference",
+                f"{c['seeds']} seed(s) x {c['examples']:,} examples",
+                f"{flips['fixed']} / {flips['broken']}" if flips else "-",
+            ]
+        )
+    return headers, body
+
+
+def flips(task: dict[str, Any]) -> tuple[tuple[list[str], list[list[str]]], tuple[list[str], list[list[str]]]] | None:
+    """Examples fine-tuning fixed and broke against the baseline: counts per group (over its seeds), and a few."""
+    counted, shown = [], []
+    for group in task.get("groups", []):
+        found = group.get("flips") or []
+        if not found:
+            continue
+        name = f"{group['model']} / {group['method']}"
+        counted.append(
+            [name, str(sum(f["examples"] for f in found)), str(sum(f["fixed"] for f in found)),
+             str(sum(f["broken"] for f in found))]
+        )  # fmt: skip
+        for direction in ("fixed", "broken"):
+            for example in found[0][f"{direction}_shown"]:
+                shown.append(
+                    [name, direction, str(example["input"])[:120], str(example["gold"])[:60],
+                     str(example["before"])[:60], str(example["prediction"])[:60]]
+                )  # fmt: skip
+    if not counted:
+        return None
+    return (
+        (
+            [
+                "model / method",
+                "examples compared",
+                "fixed (wrong before, right after)",
+                "broken (right before, wrong after)",
+            ],
+            counted,
+        ),
+        (["model / method", "flip", "input", "gold", "before", "after"], shown),
+    )
+
+
+PLOTS = (
+    ("pareto", "the main metric against cost (trainable parameters, training time, peak memory); the line joins the "
+     "results no other beats on both metric and cost"),
+    ("metrics", "before and after fine-tuning, per metric (error bars: 95% intervals)"),
+    ("search", "search curves: each method's trials, scored on a split of the training data (x: pruned early)"),
+)  # fmt: skip
+APPENDIX_PLOTS = (
+    ("loss", "loss curves"),
+    ("matrix", "confusion matrices"),
+    ("bars", "per-item scores (e.g. F1 per entity type)"),
+    ("scores", "per-example score distributions"),
+    ("scatter", "per example, before vs after (y = x: no change)"),
+)
+
+
+def _task_sections(task: dict[str, Any]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = [("h2", f"{task['task']} ({task['kind']})")]
+    out.append(("text", "Evaluated on: " + "; ".join(f"`{d}`" for d in task["evaluated_on"])))
+    out.append(("text", f"**before** is {task['before_is']}."))
+    if task.get("groups"):
+        out.append(("table", headline(task)))
+        methods = sorted({g["metrics"][task["primary"]].get("ci_method") or "" for g in task["groups"]
+                          if task["primary"] in g["metrics"]} - {""})  # fmt: skip
+        legend = "★ best on the main metric; ≈ not distinguishable from it (the paired interval of the difference "
+        legend += "contains zero). Intervals: " + (
+            "; ".join(methods) if methods else "none (one run, no per-example predictions)"
+        )
+        out.append(("text", legend + ". Training time and peak memory are means over seeds; device-hours sum them."))
+    if task.get("comparisons"):
+        out.append(("h3", "Paired comparisons with the best"))
+        out.append(("table", comparisons(task)))
+    flipped = flips(task)
+    if flipped:
+        out.append(("h3", "Flips against the baseline"))
+        out.append(("table", flipped[0]))
+        if flipped[1][1]:
+            out.append(("table", flipped[1]))
+    plots = task.get("plots", {})
+    for kind, caption in PLOTS:
+        if kind in plots:
+            out.append(("image", (caption, plots[kind])))
+    out.append(("h3", "Appendix: every run"))
+    out.append(("table", table(task)))
+    shared = {r["baseline_from"] for r in task["rows"] if r["baseline_from"]}
+    if shared and len(shared) < len(task["rows"]):
+        note = (
+            "The baseline is scored once per base model and evaluation data, and shared by the runs that fine-tune it."
+        )
+        out.append(("text", note))
+    for kind, caption in APPENDIX_PLOTS:
+        if kind in plots:
+            out.append(("image", (caption, plots[kind])))
+        bars = _bars_table(task) if kind == "bars" else None
+        if bars:
+            title = next(v["title"] for r in task["rows"] for v in r.get("details", []) if v["kind"] == "bars")
+            out.append(("h3", title))
+            out.append(("table", bars))
+        if kind == "scores" and _score_table(task):
+            out.append(("h3", "Per-example scores"))
+            out.append(("table", _score_table(task)))
+    return out
 
 
 def _sections(report: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -119,37 +280,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, Any]]:
         ("text", EXPLAIN),
     ]
     for task in report["tasks"]:
-        out.append(("h2", f"{task['task']} ({task['kind']})"))
-        out.append(("text", "Evaluated on: " + "; ".join(f"`{d}`" for d in task["evaluated_on"])))
-        out.append(("table", table(task)))
-        shared = {r["baseline_from"] for r in task["rows"] if r["baseline_from"]}
-        if shared and len(shared) < len(task["rows"]):
-            out.append(
-                (
-                    "text",
-                    "The zero-shot baseline is scored once per base model and evaluation data, and "
-                    "shared by the runs that fine-tune it.",
-                )
-            )
-        plots = task.get("plots", {})
-        for kind, caption in (
-            ("loss", "loss curves"),
-            ("metrics", "before and after, per metric"),
-            ("matrix", "confusion matrices"),
-            ("bars", "per-item scores (e.g. F1 per entity type)"),
-            ("scores", "per-example score distributions"),
-            ("scatter", "per example, before vs after (y = x: no change)"),
-        ):
-            if kind in plots:
-                out.append(("image", (caption, plots[kind])))
-            bars = _bars_table(task) if kind == "bars" else None
-            if bars:
-                title = next(v["title"] for r in task["rows"] for v in r.get("details", []) if v["kind"] == "bars")
-                out.append(("h3", title))
-                out.append(("table", bars))
-            if kind == "scores" and _score_table(task):
-                out.append(("h3", "Per-example scores"))
-                out.append(("table", _score_table(task)))
+        out += _task_sections(task)
     if report["not_reported"]:
         out.append(("h2", "Cells without results"))
         out.append(
@@ -178,7 +309,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def html(report: dict[str, Any]) -> str:
+def html(report: dict[str, Any], folder: Path) -> str:
+    """One self-contained page: the plots in `folder` are inlined (data URIs), so the file can be mailed or
+    attached as is."""
     def code(text: str) -> str:
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", escape(text)))
 
@@ -194,15 +327,17 @@ def html(report: dict[str, Any]) -> str:
             rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in body)
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif kind == "image":
+            data = base64.b64encode((folder / content[1]).read_bytes()).decode("ascii")
             parts.append(
-                f'<figure><img src="{escape(content[1])}" alt="{escape(content[0])}">'
+                f'<figure><img src="data:image/png;base64,{data}" alt="{escape(content[0])}">'
                 f"<figcaption>{escape(content[0])}</figcaption></figure>"
             )
     style = (
         "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
-        "img{max-width:100%}figure{margin:1em 0}"
+        "img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:13px}"
+        "td:first-child{text-align:left}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(report['title'])}</title>"

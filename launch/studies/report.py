@@ -55,8 +55,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
 def build(paths: list[str], out: Path, overwrite: bool = False, fmt: str = "md", title: str | None = None) -> dict:
     """Read the runs, then write the report into `out` (staged next to it, then moved in). Returns report.json."""
     _check_output(out, overwrite)
-    runs, missing, grids = collect(paths)
-    report = assemble(runs, missing, title or ("ftctl report: " + (", ".join(grids) if grids else f"{len(runs)} runs")))
+    found = collect(paths)
+    default = "ftctl report: " + (", ".join(found.grids) if found.grids else f"{len(found.runs)} runs")
+    report = assemble(found, title or default)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if staging.exists():
@@ -67,7 +68,7 @@ def build(paths: list[str], out: Path, overwrite: bool = False, fmt: str = "md",
             task["plots"] = plot_task(task, staging)
         (staging / "report.md").write_text(markdown(report), encoding="utf-8")
         if fmt == "html":
-            (staging / "report.html").write_text(html(report), encoding="utf-8")
+            (staging / "report.html").write_text(html(report, staging), encoding="utf-8")
         rundir.write_json(staging / "report.json", report)
         if out.exists():
             shutil.rmtree(out)

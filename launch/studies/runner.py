@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from launch.config import resolve_values
 from launch.evaluate import main as evaluate
 from launch.progress import EVENTS_FILE, last_event
 from launch.quiet import quiet_transformers
+from launch.studies import search as searching
 from launch.studies.display import Display
 from launch.studies.spec import DONE, EXCLUDED, FAILED, FINAL, INTERRUPTED, REFUSED, TRAINED, Cell, GridSpec
 from tasks import TASKS
@@ -182,9 +184,18 @@ class Runner:
     """Runs a grid's cells one after the other, each as a subprocess, and keeps grid.json and the display current."""
 
     def __init__(
-        self, spec: GridSpec, cells: list[Cell], grid_dir: Path, launch_options: dict[str, Any], command: list[str]
+        self,
+        spec: GridSpec,
+        cells: list[Cell],
+        grid_dir: Path,
+        launch_options: dict[str, Any],
+        command: list[str],
+        searches: list[searching.Search] | None = None,
     ):
         self.spec, self.cells, self.dir = spec, cells, grid_dir
+        # searches whose cells can still run (planning may have refused them all)
+        self.searches = [s for s in searches or [] if any(c.status != REFUSED for c in s.cells)]
+        self.search_records: dict[str, Any] = {}
         self.launch_options = launch_options
         self.command = command
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -244,6 +255,10 @@ class Runner:
             "counts": counts,
             "baseline": self.spec.baseline,
             "baselines": self.baselines,
+            "search": {
+                s.key: self.search_records.get(s.key) or {"space": s.space, "metric": s.metric, "trials": []}
+                for s in self.searches
+            },
             "launcher": self.launch_options if self.launch_options else None,
             "axes": {
                 "models": {m.label: m.name for m in self.spec.models},
@@ -269,6 +284,7 @@ class Runner:
                     "baseline_key": c.baseline_key,
                     "baseline_cell": self.baselines.get(c.baseline_key) if self.spec.baseline else None,
                     "summary": c.summary,
+                    "searched": c.searched or None,
                     "options": c.values,
                 }
                 for c in self.cells
@@ -290,6 +306,9 @@ class Runner:
         argv = ["--config", str(self.dir / CONFIGS / f"{cell.id}.yaml"), "--output-dir", str(self.dir / cell.id)]
         if cell.status == INTERRUPTED:
             argv.append("--resume" if cell.resume else "--overwrite")
+        return self._launch(argv)
+
+    def _launch(self, argv: list[str]) -> list[str]:
         if self.launch_options:
             options = {"rendezvous_timeout": 300, **self.launch_options}
             return launcher.build_command(options, argv)
@@ -327,9 +346,20 @@ class Runner:
         return code
 
     def _run(self, cell: Cell, cmd: list[str]) -> int:
-        log = self.dir / LOGS / f"{cell.id}.log"
+        def progress(proc: subprocess.Popen) -> None:
+            if cell.stage == "train":
+                event = last_event(self.dir / cell.id / EVENTS_FILE)
+                if event and event.get("max_steps"):
+                    cell.step = (int(event["step"]), int(event["max_steps"]))
+
+        return self._process(cmd, self.dir / LOGS / f"{cell.id}.log", cell, str(cell.stage), progress)
+
+    def _process(
+        self, cmd: list[str], log: Path, cell: Cell, what: str, poll: Callable[[subprocess.Popen], None]
+    ) -> int:
+        """Run one training process (its output into `log`), calling `poll` twice a second while it runs."""
         with log.open("a", encoding="utf-8") as out:
-            out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {cell.stage}: {shlex.join(cmd)}\n")
+            out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {shlex.join(cmd)}\n")
             out.flush()
             # its own session: a Ctrl-C in the terminal reaches the grid only, which passes exactly one on
             self.proc = subprocess.Popen(
@@ -345,10 +375,8 @@ class Runner:
             try:
                 while self.proc.poll() is None:
                     time.sleep(0.5)
-                    if cell.stage == "train":
-                        event = last_event(self.dir / cell.id / EVENTS_FILE)
-                        if event and event.get("max_steps"):
-                            cell.step = (int(event["step"]), int(event["max_steps"]))
+                    poll(self.proc)
+                poll(self.proc)  # what it wrote last
                 return self.proc.returncode
             finally:
                 self.proc = None
@@ -392,6 +420,98 @@ class Runner:
             cell.error = f"{stage}: {failure_line(self.dir / LOGS / f'{cell.id}.log', code)}"
         self.save()
 
+    # ---- searches (launch/studies/search.py) ------------------------------------------------------------------
+    def run_search(self, found: searching.Search, display: Display) -> None:
+        """Run a search's trials (first those a signal interrupted last time), then give its cells the best values."""
+        optuna = searching._optuna()
+        study = found.study()
+        try:
+            for frozen in [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]:
+                if self.signals:
+                    return
+                self._trial(found, study, optuna.trial.Trial(study, frozen._trial_id), display)
+            while not self.signals and not found.finished(study):
+                trial = study.ask()
+                for name, values in found.space.items():
+                    trial.suggest_categorical(name, values)
+                self._trial(found, study, trial, display)
+        finally:
+            for cell in found.cells:
+                cell.stage, cell.step = None, None
+            self.search_records[found.key] = found.record(study)
+            self.save()
+        if self.signals:
+            return
+        best = found.best(study)
+        if best is None:
+            errors = [t["error"] for t in self.search_records[found.key]["trials"] if t.get("error")]
+            for cell in found.cells:
+                cell.status = FAILED
+                cell.error = "search: no trial finished" + (f" ({errors[-1]})" if errors else "")
+            self.save()
+            return
+        found.apply(best)
+        display.message(f"search {found.key}: {best['params']} ({found.metric} {best['value']:.4f})")
+
+    def _trial(self, found: searching.Search, study: Any, trial: Any, display: Display) -> None:
+        """One trial: a training process scored on its carved-out validation split; each evaluation is reported
+        to the pruner, which may stop it (SIGTERM: it checkpoints and exits like any stopped run)."""
+        optuna = searching._optuna()
+        params = dict(trial.params)
+        run_dir = found.trial_dir(trial.number)
+        config = run_dir.with_suffix(".yaml")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(
+            f"# search trial {trial.number} of {found.key} (grid {self.spec.name})\n"
+            + yaml.safe_dump(found.trial_config(params), sort_keys=False),
+            encoding="utf-8",
+        )
+        argv = ["--config", str(config), "--output-dir", str(run_dir)]
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            argv.append("--resume" if get_last_checkpoint(str(run_dir)) else "--overwrite")
+        for cell in found.cells:
+            cell.stage, cell.step = "search", (trial.number + 1, found.size())
+        self.save()
+        earlier = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        seen = set(earlier.intermediate_values)  # reported before a signal stopped it
+        steps: list[int] = []  # global steps of the evaluations so far, in order (a resumed run repeats some)
+        pruned = False
+
+        def poll(proc: subprocess.Popen) -> None:
+            nonlocal pruned
+            if pruned:  # stopping: what it evaluates meanwhile is not reported
+                return
+            for event in searching.evaluations(run_dir):
+                if event["step"] == 0 or event["step"] in steps:  # the untrained model, or already counted
+                    continue
+                steps.append(event["step"])
+                value = (event.get("metrics") or {}).get(found.metric)
+                if len(steps) in seen or not isinstance(value, (int, float)):
+                    continue
+                seen.add(len(steps))
+                trial.report(float(value), len(steps))
+                if trial.should_prune():
+                    pruned = True
+                    if proc.poll() is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGTERM)
+                    return
+
+        log = self.dir / LOGS / f"search__{found.key}__trial-{trial.number}.log"
+        code = self._process(self._launch(argv), log, found.cells[0], f"search trial {params}", poll)
+        value = searching.trial_value(run_dir, found.metric) if code == 0 else None
+        if pruned:
+            searching.tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+        elif value is not None:
+            searching.tell(study, trial, value)
+        elif self.signals:
+            return  # left running: the next run of the grid resumes it
+        else:
+            trial.set_user_attr("error", failure_line(log, code))
+            searching.tell(study, trial, state=optuna.trial.TrialState.FAIL)
+        outcome = "pruned" if pruned else f"{found.metric} {value:.4f}" if value is not None else "failed"
+        display.message(f"search {found.key} trial {trial.number} {params}: {outcome}")
+
     # ---- signals ---------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)
@@ -408,7 +528,14 @@ class Runner:
         ran = 0
         try:
             with display:
+                for found in self.searches:
+                    if self.signals:
+                        break
+                    if any(c.status not in FINAL for c in found.cells):
+                        self.run_search(found, display)
                 for cell in todo:
+                    if cell.status == FAILED and cell.error and cell.error.startswith("search:"):
+                        continue
                     if self.signals or (max_cells is not None and ran >= max_cells):
                         break
                     display.event(cell, "start")

@@ -32,6 +32,7 @@ TOP_KEYS = (
     "exclude",
     "baseline",
     "launcher",
+    "search",
 )
 
 
@@ -96,6 +97,10 @@ class GridSpec:
     exclude: list[dict[str, list[str]]]
     baseline: bool
     launcher: dict[str, Any]
+    # options searched per (model, task, method) before the final runs: option -> values, or "auto" (learning rate:
+    # a range around the cell's default); `search_settings` are options for the search trials only
+    search: dict[str, Any] = dataclasses.field(default_factory=dict)
+    search_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -239,6 +244,7 @@ class GridFile(_Strict):
     exclude: list[dict[str, Any]] | None = None
     baseline: bool = True
     launcher: Launcher | None = None
+    search: str | dict[str, Any] | None = None
 
 
 MESSAGES = {  # (first field of the error's location) -> what it must be, as ftctl has always said it
@@ -250,6 +256,8 @@ MESSAGES = {  # (first field of the error's location) -> what it must be, as ftc
     "launcher": "launcher: must be a mapping of accelerate_config, num_processes, rendezvous_timeout",
     "settings": "settings: must be a mapping of option: value",
     "name": "`name:` must be a string",
+    "search": "`search:` must be `auto` or a mapping of option: [values] (or `learning_rate: auto`), with an optional "
+    "`settings:` mapping for the search trials",
 }
 
 
@@ -299,6 +307,7 @@ def load_spec(path: str) -> GridSpec:
             Layer(at, _options(override.set_, f"{at}.set", specs), _match(override.match, f"{at}.match", axes))
         )
     exclude = [_match(item, f"{where}: exclude[{i}]", axes) for i, item in enumerate(parsed.exclude or [])]
+    search, search_settings = _search(parsed.search, f"{where}: search", specs)
     launcher = parsed.launcher.model_dump(exclude_none=True) if parsed.launcher else {}
     return GridSpec(
         path=Path(path),
@@ -312,7 +321,44 @@ def load_spec(path: str) -> GridSpec:
         exclude=exclude,
         baseline=parsed.baseline,
         launcher=launcher,
+        search=search,
+        search_settings=search_settings,
     )
+
+
+SEARCHABLE_AUTO = ("learning_rate",)  # options `auto` knows a range for
+
+
+def _search(raw: Any, where: str, specs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`search: auto` or `search: {option: [values] | auto, ..., settings: {...}}`, checked like any option."""
+    if raw is None:
+        return {}, {}
+    if raw == "auto":
+        return {"learning_rate": "auto"}, {}
+    if not isinstance(raw, dict) or not raw:
+        raise FtctlError(f"{where}: {MESSAGES['search']}, got {raw!r}")
+    raw = dict(raw)
+    settings = _options(raw.pop("settings", None), f"{where}.settings", specs)
+    space: dict[str, Any] = {}
+    for key, values in raw.items():
+        name = str(key).replace("-", "_")
+        at = f"{where}.{key}"
+        if values == "auto":
+            if name not in SEARCHABLE_AUTO:
+                raise FtctlError(f"{at}: `auto` knows a range for {', '.join(SEARCHABLE_AUTO)} only; list the values")
+            space[name] = "auto"
+            continue
+        if not isinstance(values, list) or not values:
+            raise FtctlError(f"{at}: give a list of values to try (or `auto` for the learning rate), got {values!r}")
+        if any(isinstance(v, (list, dict)) for v in values):
+            raise FtctlError(f"{at}: each value tried must be a single value (a number, a word), got {values!r}")
+        checked = [_options({key: v}, at, specs)[name] for v in values]
+        if len({json.dumps(v, default=str) for v in checked}) != len(checked):
+            raise FtctlError(f"{at}: a value is listed twice")
+        space[name] = checked
+    if not space:
+        raise FtctlError(f"{where}: name at least one option to search, e.g. `learning_rate: auto`")
+    return space, settings
 
 
 # ---- cells -----------------------------------------------------------------------------------------------------
@@ -334,6 +380,9 @@ class Cell:
     resume: bool = False  # continue from the checkpoint in its directory (else start it again)
     step: tuple[int, int] | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    search_key: str | None = None  # cells sharing it share one search (all seeds of a model, task and method)
+    search_space: dict[str, Any] = dataclasses.field(default_factory=dict)  # the searched options that apply
+    searched: dict[str, Any] = dataclasses.field(default_factory=dict)  # the values the search chose
 
     def labels(self) -> dict[str, Any]:
         return {"model": self.model.label, "task": self.task.label, "method": self.method.label, "seed": self.seed}
@@ -362,6 +411,7 @@ def expand(spec: GridSpec) -> list[Cell]:
 
     run_names = {s.name for s in RUN_SPECS}
     cells = []
+    searched_options: set[str] = set()
     for model in spec.models:
         for task in spec.tasks:
             task_spec = TASKS.get(task.name)
@@ -389,7 +439,15 @@ def expand(spec: GridSpec) -> list[Cell]:
                     cell = Cell(cell_id, model, task, method, seed.name, values, key)
                     if any(_selected(m, labels) for m in spec.exclude):
                         cell.status = EXCLUDED
+                    applies = run_names | task_names | method_names
+                    cell.search_space = {k: v for k, v in spec.search.items() if k in applies}
+                    if cell.search_space:
+                        cell.search_key = f"{model.label}__{task.label}__{method.label}"
+                        searched_options.update(cell.search_space)
                     cells.append(cell)
+    unsearched = [k for k in spec.search if k not in searched_options]
+    if unsearched:
+        raise FtctlError(f"{spec.path.name}: search: '{unsearched[0]}' is an option of none of the grid's cells")
     for layer in spec.layers:
         unused = [k for k in layer.options if k not in layer.used]
         if unused:

@@ -45,6 +45,10 @@ class Evaluation:
     metrics: MetricsFn
     key: tuple  # what identifies the evaluated examples (two evaluations are paired only when their keys agree)
 
+    def covers(self) -> set[str]:
+        """The metrics the statistics give (a task may have others, e.g. Spearman's rho, that they do not)."""
+        return set(self.metrics(self.statistics.sum(axis=0)))
+
     def score(self, metric: str, idx: np.ndarray | None = None) -> np.ndarray:
         """The metric on the examples `idx` ((..., n) indices; None: all examples), vectorized over leading dims."""
         rows = self.statistics if idx is None else self.statistics[idx]

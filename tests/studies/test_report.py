@@ -251,10 +251,10 @@ def test_report_numbers_equal_the_runs_and_plots_are_pngs(runs: Path, tmp_path: 
     computed = summary["full"]["per_example"]
     assert set(computed) >= {"rouge1", "rougeL"} and computed["rougeL"]["after"]["n"] == 30
 
-    expected = {
-        "sst2": {"loss", "metrics", "matrix"},
-        "conll2003": {"loss", "metrics", "bars"},
-        "summarization": {"loss", "metrics", "scores", "scatter"},
+    expected = {  # every task compares two or more methods: each gets a Pareto plot of metric against cost
+        "sst2": {"pareto", "loss", "metrics", "matrix"},
+        "conll2003": {"pareto", "loss", "metrics", "bars"},
+        "summarization": {"pareto", "loss", "metrics", "scores", "scatter"},
     }
     for name, kinds in expected.items():
         assert set(tasks[name]["plots"]) == kinds, (name, tasks[name]["plots"])

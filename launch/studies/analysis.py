@@ -1,0 +1,193 @@
+"""A task's runs read as a study: what the report leads with.
+
+Runs are grouped by (model, method); a group's seeds are its repetitions. For each group: every metric's mean, with
+a 95% interval (a t-interval over seeds, or with a single seed a bootstrap over the evaluation examples), the change
+from the baseline, and the cost (trainable share, training time, peak memory, device-hours). The best group on the
+task's main metric is marked, each other group is compared with it by a paired bootstrap on the same evaluation
+examples (launch/studies/stats.py), and the groups it cannot be told apart from are marked too. Flips count the
+examples fine-tuning fixed and broke against the baseline, and those the best group gets right and another wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from launch.engine import LOWER_IS_BETTER
+from launch.studies import stats
+from tasks.base import ExampleStatistics
+
+if TYPE_CHECKING:  # annotations only: collect builds the runs and calls this module
+    from launch.studies.collect import Run
+
+EXAMPLES_SHOWN = 3  # flipped examples shown per direction
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def pair_key(run: Run) -> tuple:
+    """What the evaluated examples depend on: the task, the data, how many, and the seed when the evaluation split
+    was carved from the training data with it. Two runs with the same key were scored on the same examples."""
+    info = (run.scored or {}).get("info") or {}
+    config = run.record.get("config") or {}
+    held_out = not (config.get("validation_file") or config.get("test_file"))
+    data = info.get("data") or (run.record.get("data") or {}).get("source")
+    examples = info.get("examples") or (run.record.get("data") or {}).get("validation_examples")
+    return (run.task, data, examples, config.get("seed") if held_out else None)
+
+
+def evaluation(run: Run, rows: list[dict[str, Any]], task_cls: Any) -> stats.Evaluation | None:
+    """The run's per-example statistics, when its task has them and its predictions file is of the task's shape."""
+    if not rows or task_cls is None:
+        return None
+    task = task_cls.__new__(task_cls)  # the statistics hooks read only their arguments
+    if not isinstance(task, ExampleStatistics):
+        return None
+    state = (run.record.get("task") or {}).get("state") or {}
+    try:
+        values = task.example_statistics(rows, state)
+    except (KeyError, TypeError, ValueError):  # a predictions file from an older ftctl, without the fields needed
+        return None
+    # the rows actually scored are part of what is paired on (a predictions file may hold fewer than were evaluated)
+    key = (*pair_key(run), len(rows))
+    return stats.Evaluation(values, lambda totals: task.metrics_from_totals(totals, state), key)
+
+
+def _mean(values: list[Any]) -> float | None:
+    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _group_metrics(members: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
+    out = {}
+    for metric in metrics:
+        summary = stats.seed_summary([m["row"]["after"].get(metric) for m in members])
+        if summary["n"] == 0:
+            continue
+        evaluated = members[0]["evaluation"]
+        if summary["n"] == 1 and evaluated is not None and metric in evaluated.covers():
+            interval = stats.bootstrap_interval(evaluated, metric)
+            if interval:
+                summary["ci"] = interval
+                summary["ci_method"] = f"bootstrap over {len(members[0]['evaluation'].statistics)} examples"
+        out[metric] = summary
+    return out
+
+
+def _correct(row: dict[str, Any]) -> bool | None:
+    """Whether one prediction is right, for tasks where that is a yes or no (classification, NER, QA)."""
+    if isinstance(row.get("correct"), bool):
+        return row["correct"]
+    if isinstance(row.get("exact_match"), (int, float)):
+        return row["exact_match"] >= 1
+    return None
+
+
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    """An example as a reader wants to see it: its input, the gold answer, the prediction."""
+    text = next((row[k] for k in ("text", "question", "prompt", "tokens") if k in row), "")
+    text = " ".join(map(str, text)) if isinstance(text, list) else str(text)
+    gold = next((row[k] for k in ("label", "tags", "answers", "reference") if k in row), None)
+    return {"index": row.get("index"), "input": text[:300], "gold": gold, "prediction": row.get("prediction")}
+
+
+def _flips(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Examples right after but wrong before (fixed), and the reverse (broken), matched by index."""
+    by_index = {r.get("index", i): r for i, r in enumerate(before)}
+    fixed, broken, compared = [], [], 0
+    for i, row in enumerate(after):
+        other = by_index.get(row.get("index", i))
+        now, then = _correct(row), _correct(other) if other else None
+        if now is None or then is None:
+            continue
+        compared += 1
+        if now and not then:
+            fixed.append({**_shown(row), "before": other.get("prediction")})
+        elif then and not now:
+            broken.append({**_shown(row), "before": other.get("prediction")})
+    if not compared:
+        return None
+    return {
+        "examples": compared,
+        "fixed": len(fixed),
+        "broken": len(broken),
+        "fixed_shown": fixed[:EXAMPLES_SHOWN],
+        "broken_shown": broken[:EXAMPLES_SHOWN],
+    }
+
+
+def _paired(best: list[dict[str, Any]], other: list[dict[str, Any]]) -> tuple[list, list]:
+    """The two groups' evaluations on the same examples, matched by what the examples depend on, then by seed."""
+    a, b = [], []
+    keys = {m["evaluation"].key for m in best if m["evaluation"]} & {
+        m["evaluation"].key for m in other if m["evaluation"]
+    }
+    for key in sorted(keys, key=str):
+        xs = sorted((m for m in best if m["evaluation"] and m["evaluation"].key == key), key=lambda m: str(m["seed"]))
+        ys = sorted((m for m in other if m["evaluation"] and m["evaluation"].key == key), key=lambda m: str(m["seed"]))
+        for x, y in zip(xs, ys, strict=False):
+            a.append(x)
+            b.append(y)
+    return a, b
+
+
+def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
+    """The study view of one task: `members` are its runs as {row, run, evaluation, after_rows, before_rows}."""
+    primary = task["metrics"][0] if task["metrics"] else None
+    higher = higher_is_better(primary) if primary else True
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for member in members:
+        grouped.setdefault((member["row"]["model"], member["row"]["method"]), []).append(member)
+    groups = []
+    for (model, method), runs in grouped.items():
+        rows = [m["row"] for m in runs]
+        metrics = _group_metrics(runs, task["metrics"])
+        groups.append(
+            {
+                "model": model,
+                "method": method,
+                "runs": [r["run"] for r in rows],
+                "seeds": [r["seed"] for r in rows],
+                "metrics": metrics,
+                "before": {m: _mean([(r["before"] or {}).get(m) for r in rows]) for m in task["metrics"]},
+                "delta": {m: _mean([r["delta"].get(m) for r in rows]) for m in task["metrics"]},
+                "trainable_params": rows[0]["trainable_params"],
+                "trainable_percent": rows[0]["trainable_percent"],
+                "train_runtime_s": _mean([r["train_runtime_s"] for r in rows]),
+                "peak_memory_mb": _mean([r["peak_memory_mb"] for r in rows]),
+                "device_hours": sum(r.get("device_hours") or 0.0 for r in rows) or None,
+                "searched": rows[0].get("searched"),
+                "flips": [f for f in (_flips(m["before_rows"], m["after_rows"]) for m in runs) if f] or None,
+            }
+        )
+    out: dict[str, Any] = {"primary": primary, "higher_is_better": higher, "groups": groups, "comparisons": []}
+    scored = [g for g in groups if primary in g["metrics"] and g["metrics"][primary]["mean"] is not None]
+    if not primary or not scored:
+        return out
+    sign = 1 if higher else -1
+    best = max(scored, key=lambda g: sign * g["metrics"][primary]["mean"])
+    best["best"] = True
+    for group, runs in grouped.items():
+        target = next(g for g in groups if (g["model"], g["method"]) == group)
+        if target is best:
+            continue
+        a, b = _paired(grouped[(best["model"], best["method"])], runs)
+        comparison: dict[str, Any] = {"a": _label(best), "b": _label(target), "metric": primary}
+        if not a:
+            comparison.update(paired=False, reason="no per-example predictions on the same examples")
+        else:
+            difference = stats.paired_difference([m["evaluation"] for m in a], [m["evaluation"] for m in b], primary)
+            comparison.update(paired=True, **difference)
+            # "fixed": the best group right where the other is wrong, on the first paired seed
+            comparison["flips"] = _flips(b[0]["after_rows"], a[0]["after_rows"])
+            target["indistinguishable"] = comparison["within_noise"]
+        out["comparisons"].append(comparison)
+    return out
+
+
+def _label(group: dict[str, Any]) -> str:
+    return f"{group['model']} / {group['method']}"
