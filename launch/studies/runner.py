@@ -195,7 +195,9 @@ class Runner:
         self.spec, self.cells, self.dir = spec, cells, grid_dir
         # searches whose cells can still run (planning may have refused them all)
         self.searches = [s for s in searches or [] if any(c.status != REFUSED for c in s.cells)]
-        self.search_records: dict[str, Any] = {}
+        self.search_records: dict[str, Any] = {  # what earlier runs of the grid searched, kept in grid.json
+            s.key: s.record(s.study()) for s in self.searches if (s.root / searching.STORAGE).is_file()
+        }
         self.launch_options = launch_options
         self.command = command
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -474,7 +476,6 @@ class Runner:
         self.save()
         earlier = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         seen = set(earlier.intermediate_values)  # reported before a signal stopped it
-        steps: list[int] = []  # global steps of the evaluations so far, in order (a resumed run repeats some)
         pruned = False
 
         def poll(proc: subprocess.Popen) -> None:
@@ -482,14 +483,12 @@ class Runner:
             if pruned:  # stopping: what it evaluates meanwhile is not reported
                 return
             for event in searching.evaluations(run_dir):
-                if event["step"] == 0 or event["step"] in steps:  # the untrained model, or already counted
-                    continue
-                steps.append(event["step"])
+                done = searching.percent_done(event)  # a resumed run repeats some: reported once
                 value = (event.get("metrics") or {}).get(found.metric)
-                if len(steps) in seen or not isinstance(value, (int, float)):
+                if done is None or done in seen or not isinstance(value, (int, float)):
                     continue
-                seen.add(len(steps))
-                trial.report(float(value), len(steps))
+                seen.add(done)
+                trial.report(float(value), done)
                 if trial.should_prune():
                     pruned = True
                     if proc.poll() is None:

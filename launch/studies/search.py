@@ -9,9 +9,12 @@ rates, not methods. So a search is per (model, task, method), and:
 - they are scored on a split carved from the training data (`--validation-from-train`), never on the data the
   final runs are evaluated on;
 - clearly weak trials stop early: each evaluation during training is reported to Optuna's
-  `SuccessiveHalvingPruner` (steps = evaluations; from the MIN_RESOURCE-th evaluation on, a trial continues only
-  while it is in the top 1/REDUCTION of the trials that got there, the best one while fewer than 2 x REDUCTION
-  have), and a pruned trial is stopped as a signal stops any run (checkpoint, exit);
+  `SuccessiveHalvingPruner` at the share of training done (steps are percent, so the schedule does not depend on
+  how often a run evaluates). From MIN_RESOURCE percent on, a trial continues only while it is in the top
+  1/REDUCTION of the trials that got that far (the best of them while fewer than 2 x REDUCTION have): half-way
+  through, the weaker half stops. Earlier than that, learning rates that start slowly would be stopped for it
+  (seen on tiny runs: the best rate was behind at its second evaluation). A pruned trial is stopped as a signal
+  stops any run (checkpoint, exit);
 - the Optuna study lives in `GRID/search/optuna.db` (SQLite) and each trial's run directory in
   `GRID/search/<key>/trial-<n>`: finished trials are kept, a trial interrupted by a signal resumes from its
   checkpoint when the grid runs again, and a changed search (other values, other cell options) is a new study;
@@ -38,8 +41,8 @@ from tasks import TASKS
 SEARCH_DIR = "search"
 STORAGE = "optuna.db"
 AUTO_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # `learning_rate: auto`: two decades around the default, log-spaced
-MIN_RESOURCE = 2  # evaluations a trial always gets
-REDUCTION = 3
+MIN_RESOURCE = 50  # percent of training a trial always gets
+REDUCTION = 2
 
 
 def _optuna() -> Any:
@@ -220,6 +223,14 @@ def evaluations(run_dir: Path) -> list[dict[str, Any]]:
         if row.get("event") == "evaluate":
             events.append(row)
     return events
+
+
+def percent_done(event: dict[str, Any]) -> int | None:
+    """The share of training an evaluation came at, in percent (the pruner's step); none for the untrained model."""
+    step, total = event.get("step") or 0, event.get("max_steps") or 0
+    if step <= 0 or total <= 0:
+        return None
+    return max(1, min(100, round(100 * step / total)))
 
 
 def trial_value(run_dir: Path, metric: str) -> float | None:

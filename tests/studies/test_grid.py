@@ -153,6 +153,15 @@ def test_plan_marks_refused_cells_and_prints_the_commands(models, data, tmp_path
         ({"methods": {"a/b": {"method": "lora"}}}, "label 'a/b' names a directory"),
         ({"models": ["/no/such/model"]}, "model path not found"),
         ({"launcher": {"processes": 2}}, "launcher: unknown key 'processes'"),
+        ({"search": {"learning_rat": [1e-3]}}, "unknown option 'learning_rat' (did you mean 'learning_rate'?)"),
+        ({"search": {"lora_r": "auto"}}, "`auto` knows a range for learning_rate only"),
+        ({"search": {"learning_rate": []}}, "give a list of values to try"),
+        ({"search": {"learning_rate": [1e-3, 1e-3]}}, "a value is listed twice"),
+        ({"search": {"target_modules": [["query"]]}}, "each value tried must be a single value"),
+        ({"search": 5}, "`search:` must be `auto` or a mapping"),
+        ({"search": {"seed": [1, 2]}}, "'seed' is set by the grid"),
+        ({"search": {"lora_r": [4, 8]}, "methods": ["head"]}, "search: 'lora_r' is an option of none of the grid's"),
+        ({"search": {"learning_rate": "auto", "settings": {"eval_strategy": "no"}}}, "would never evaluate"),
     ],
 )
 def test_bad_grid_files_are_one_error_and_write_nothing(models, data, tmp_path, change, fragment):
