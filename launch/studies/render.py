@@ -160,7 +160,7 @@ def comparisons(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 f"{c['a']} vs {c['b']}",
                 _fmt(c["difference"], "delta"),
                 f"[{_fmt(c['ci'][0], 'delta')}, {_fmt(c['ci'][1], 'delta')}]",
-                f"{c['p_value']:.3f}",
+                f"{c['p_value']:.3f}" if c["p_value"] >= 0.001 else "<0.001",
                 "within noise" if c["within_noise"] else "difference",
                 f"{c['seeds']} seed(s) x {c['examples']:,} examples",
                 f"{flips['fixed']} / {flips['broken']}" if flips else "-",

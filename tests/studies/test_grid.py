@@ -18,6 +18,7 @@ from conftest import REPO, cli
 
 from ftctl.errors import FtctlError
 from launch.studies import grid
+from launch.studies import search as searching
 
 FAST = {"epochs": 1, "batch_size": 16, "logging_steps": 4, "report_to": "none", "save_total_limit": 1}
 
@@ -238,7 +239,7 @@ def data_files(value, found: list[str]) -> list[str]:
 
 @pytest.mark.parametrize(
     "path",
-    sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("recipes/*.yaml"), REPO / "bench" / "grid_example.yaml"]),
+    sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("recipes/*.yaml"), *REPO.glob("bench/*.yaml")]),
 )
 def test_example_grids_are_valid(path, tmp_path, monkeypatch):
     """Every key and option of the shipped grid files is right. Their data files (the benchmark data beside the
@@ -254,6 +255,8 @@ def test_example_grids_are_valid(path, tmp_path, monkeypatch):
     spec = grid.load_spec(str(REPO / path))
     cells = grid.expand(spec)
     assert len(cells) == len(spec.models) * len(spec.tasks) * len(spec.methods) * len(spec.seeds)
+    for found in searching.searches(spec, cells, tmp_path / "grid"):  # ranges resolve, trials evaluate
+        assert all(len(values) > 1 for values in found.space.values()), found.space
 
 
 @pytest.mark.slow
