@@ -35,6 +35,11 @@ def main() -> None:
         [ftctl(), "report", str(WORK / "grid"), "--output", str(REPORT), "--overwrite", "--format", "html"],
         WORK / "report.log",
     )
+    write_readme(grid_seconds, report_seconds)
+    print(f"grid {grid_seconds:.0f} s, report {report_seconds:.1f} s -> {REPORT / 'report.md'}")
+
+
+def write_readme(grid_seconds: float, report_seconds: float) -> None:
     state = json.loads((WORK / "grid" / "grid.json").read_text())
     trials = [t for s in state["search"].values() for t in s["trials"]]
     cells = state["cells"]
@@ -48,7 +53,7 @@ def main() -> None:
         f"- grid ({GRID.relative_to(REPO)}): {len(trials)} search trials "
         f"({sum(t['state'] == 'pruned' for t in trials)} pruned half-way), then {len(cells)} cells, "
         f"{sum(c['status'] == 'done' for c in cells)} done; this invocation took {grid_seconds:.0f} s",
-        f"- report: {report_seconds:.1f} s ([report.md](report.md), [report.html](report.html): one self-contained file)",
+        f"- report: {report_seconds:.1f} s ([report.md](report.md); [report.html](report.html), self-contained)",
         "",
         "| cell | learning rate (searched) | seconds (train + evaluate) |",
         "| --- | --- | --- |",
@@ -56,7 +61,6 @@ def main() -> None:
         "",
     ]
     (REPORT / "README.md").write_text("\n".join(lines))
-    print(f"grid {grid_seconds:.0f} s, report {report_seconds:.1f} s -> {REPORT / 'report.md'}")
 
 
 if __name__ == "__main__":
