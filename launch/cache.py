@@ -46,7 +46,7 @@ def cache_key(task: Task, raw: Any, tokenizer: PreTrainedTokenizerBase) -> str:
     signature = {
         "ftctl": __version__,
         "code": _code_digest(task),
-        "task": [task.name, task.preset_name, dataclasses.asdict(task.opts), task.state],
+        "task": [task.name, task.preset_name, dataclasses.asdict(task.opts), task.state, task.shots],
         "data": [cfg.text_column, cfg.label_column, cfg.max_length],
         "raw": raw._fingerprint,
         "tokenizer": Hasher.hash(tokenizer),

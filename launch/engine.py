@@ -41,7 +41,7 @@ from launch.reliability import (
     write_checkpoint_atomically,
 )
 from methods.base import Method
-from tasks.base import SamplesGenerations, Task, TrainsOnOtherBatches
+from tasks.base import SamplesGenerations, ScoresChoices, Task, TrainsOnOtherBatches
 
 if TYPE_CHECKING:  # annotations only
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -361,6 +361,10 @@ class FtctlTrainer(Trainer):
         # keep the new tokens only: drop the prompt (decoders) or the decoder start token (encoder-decoders)
         generated = generated[:, 1:] if encoder_decoder else generated[:, prompt["input_ids"].shape[1] :]
         labels = inputs.get(self.label_names[0]) if has_labels else None
+        if isinstance(self.task, ScoresChoices):  # and each allowed answer scored by its likelihood
+            with torch.no_grad(), self.accelerator.autocast():
+                scores = self.task.choice_scores(generator, prompt)
+            return loss, (generated, scores), labels
         return loss, generated, labels
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> Any:

@@ -120,6 +120,14 @@ class ExampleStatistics(Protocol):
 
 
 @runtime_checkable
+class ScoresChoices(Protocol):
+    """Besides generating, scores a fixed set of answers (label words) by their log-likelihood after the prompt: the
+    way evaluation harnesses score multiple choice. The engine calls it on each evaluation batch with the model."""
+
+    def choice_scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class ReportsDetails(Protocol):
     """Evaluation details (metric_details) that a report can draw."""
 
@@ -156,18 +164,21 @@ class Task:
         self._fit: ModelFit | None = None
         self.state: Mapping[str, Any] = {}  # what the task learned from the data (label names, ...); saved with the run
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.shots: tuple[Any, ...] = ()  # solved examples a prompted task puts before each query (few-shot)
 
     def bind(
         self,
         fit: ModelFit | None = None,
         state: Mapping[str, Any] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        shots: tuple[Any, ...] | None = None,
     ) -> Task:
         """A copy of this task that carries what the run learned (the values returned by `check_model` and
         `check_data`, and the prepared tokenizer)."""
         bound = copy.copy(self)
         bound._fit = fit if fit is not None else self._fit
         bound.state = dict(state) if state is not None else self.state
+        bound.shots = tuple(shots) if shots is not None else self.shots
         bound.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         return bound
 

@@ -1,11 +1,14 @@
-"""What every text-to-text task shares: prompts, tokenization with the loss on the target only, batching, the
-model class per family, generation settings, and decoding generated ids back to text.
+"""What every text-to-text task shares: prompts (tasks/prompts.py), tokenization with the loss on the target only,
+batching, the model class per family, generation settings, and decoding generated ids back to text.
 
 Encoder-decoders (T5, BART) read the prompt in the encoder and learn the target as `labels`. Decoders (GPT-2,
-Llama, Phi, ...) read `prompt + target + EOS` with the prompt's labels set to -100, so only the target (and the EOS
-that ends it) is learned; labels are built from the tokens, never by masking the pad id, so a decoder whose pad
-token is its EOS still learns to stop. Padding is masked out of the loss (-100) and of attention. Decoders are
-given a pad token that is not their EOS where the tokenizer has one to spare (its unknown token), else their EOS.
+Llama, Phi, ...) read `prompt + target + END` with the prompt's labels set to -100, so only the target and the token
+that ends it are learned: the end of the assistant turn with a chat template (Llama-3's `<|eot_id|>`, ...), EOS
+otherwise; generation stops on either. BOS is there exactly once: from the chat template's text when it writes one
+(Llama-3, Gemma-2), else added the way the tokenizer adds it. Labels are built from the tokens, never by masking the
+pad id, so a decoder whose pad token is its EOS still learns to stop. Padding is masked out of the loss (-100) and
+of attention. Decoders are given a pad token that is not their EOS where the tokenizer has one to spare (its
+unknown token), else their EOS.
 
 At evaluation the engine generates from the prompt alone: the collator adds `generation_input_ids` (the prompt,
 left-padded) for decoders; encoder-decoders generate from the right-padded encoder input. Labels never reach the
@@ -25,6 +28,7 @@ from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
 from tasks.base import ModelFit, Task, fresh_modules
+from tasks.prompts import CHAT_CHOICES, PromptFormat, PromptSpec, check_template, read_template
 
 T5_TYPES = ("t5", "mt5", "umt5", "longt5")  # trained with task prefixes ("summarize: ", "translate ...: ")
 
@@ -39,6 +43,17 @@ class GenerationOptions:
         False,
         "decoders: train on padding-free packed batches (each micro-batch one row, positions restarting per example, "
         "attention kept within each example)",
+    )
+    prompt_template: str | None = option(
+        None,
+        "the prompt, with the task's named fields ({text}, {question}, {context}, {source_lang}, ...; {instruction} "
+        "is the task's instruction): the user turn with a chat template, else the whole prompt; a string or a file",
+    )
+    system_prompt: str | None = option(None, "a system prompt: the system turn with a chat template, else a first line")
+    chat_template: str = option(
+        "auto",
+        "decoders: render prompts with the tokenizer's chat template (auto: when it has one)",
+        choices=CHAT_CHOICES,
     )
 
     def validate(self) -> None:
@@ -138,12 +153,24 @@ class GenerationTask(Task):
     decoder_pipeline_tag = "text-generation"
     max_new_tokens = 64  # generation length when neither the option nor the preset says
     max_target_length = 128
-    encoder_prefix = ""  # T5-family prefix, e.g. "summarize: "
+    prompt_spec: PromptSpec
+
+    def __init__(self, cfg: Any, opts: Any, preset_name: str):
+        super().__init__(cfg, opts, preset_name)
+        if getattr(opts, "prompt_template", None):  # a field the task does not have: refused before anything runs
+            check_template(read_template(opts.prompt_template) or "", self.spec())
 
     # ---- what subclasses define -------------------------------------------------------------------------------
-    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
-        """(head, body, tail) of the prompt; only the body is shortened when the prompt is too long."""
+    def fields(self, example: dict[str, Any]) -> dict[str, str]:
+        """The example's named prompt fields (`PromptSpec.fields`)."""
         raise NotImplementedError
+
+    def spec(self) -> PromptSpec:
+        return self.prompt_spec
+
+    def instruction(self) -> str | None:
+        """The preset's own instruction, if it has one (else the task's default)."""
+        return self.preset.facts.get("instruction")
 
     def target(self, example: dict[str, Any]) -> str:
         raise NotImplementedError
@@ -167,6 +194,42 @@ class GenerationTask(Task):
     @property
     def t5_style(self) -> bool:
         return self.fit.family == Family.ENCODER_DECODER and self.fit.model_type in T5_TYPES
+
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(
+            self.spec(),
+            self.prepared_tokenizer,
+            decoder=self.decoder,
+            t5_style=self.t5_style,
+            chat=self.opts.chat_template,
+            template=read_template(self.opts.prompt_template),
+            system=self.opts.system_prompt,
+            instruction=self.instruction(),
+        )
+
+    def prompt_parts(self, example: dict[str, Any], fmt: PromptFormat | None = None) -> tuple[str, str, str]:
+        """(head, body, tail) of the prompt, as the model reads it; only the body is shortened when it is too long."""
+        return (fmt or self.prompt_format()).render(self.fields(example), self.shots)
+
+    def stop_ids(self, fmt: PromptFormat | None = None) -> list[int]:
+        """The tokens that end an answer: the assistant turn's end (chat templates) and EOS."""
+        tokenizer = self.prepared_tokenizer
+        ends = [(fmt or self.prompt_format()).end_of_turn(), tokenizer.eos_token_id]
+        return list(dict.fromkeys(int(t) for t in ends if t is not None))
+
+    def prompt_record(self, example: dict[str, Any]) -> dict[str, Any]:
+        """What run.json and the model card keep of the prompt: its format and the first example as rendered."""
+        fmt = self.prompt_format()
+        head, body, tail = self.prompt_parts(example, fmt)
+        end = self.stop_ids(fmt)[0]
+        prompt = head + body + tail
+        answer = (fmt.answer_space(prompt) if fmt.mode == "plain" else "") + self.target(example)
+        return {
+            **fmt.describe(),
+            "first_example": {"prompt": prompt, "target": answer},
+            "end_of_answer": self.prepared_tokenizer.convert_ids_to_tokens(end) if self.decoder else "EOS",
+            "few_shot": len(self.shots),
+        }
 
     @property
     def prepared_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -226,8 +289,9 @@ class GenerationTask(Task):
         max_target = self.setting("max_target_length")
         if decoder:  # prompt and target share the decoder's length
             max_target = min(max_target, max_length // 2)
+        fmt = self.prompt_format()
         before, after = special_ids(tokenizer)
-        eos = tokenizer.eos_token_id
+        end = self.stop_ids(fmt)[0]
 
         def ids(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -238,24 +302,19 @@ class GenerationTask(Task):
                 out["prompt_ids"] = []
             examples = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             for example in examples:
-                head, body, tail = self.prompt_parts(example)
-                target = ids(self.target(example))[:max_target]
+                head, body, tail = self.prompt_parts(example, fmt)
+                text = head + body + tail
                 if decoder:
-                    head_ids, tail_ids = before + ids(head), ids(tail)
-                    room = max_length - len(head_ids) - len(tail_ids) - len(target) - 1
-                    if room < 1:
-                        raise FtctlError(
-                            f"--max-length {max_length} leaves no room for the input beside the prompt template and "
-                            f"a {len(target)}-token target; raise --max-length or lower --max-target-length"
-                        )
-                    prompt = head_ids + ids(body)[:room] + tail_ids
+                    space = fmt.answer_space(text) if fmt.mode == "plain" else ""
+                    target = ids(space + self.target(example))[:max_target]
+                    prompt = _decoder_prompt(tokenizer, before, ids, (head, body, tail), max_length - len(target) - 1)
                     out["prompt_ids"].append(prompt)
-                    out["input_ids"].append(prompt + target + [eos])
-                    out["labels"].append([-100] * len(prompt) + target + [eos])
+                    out["input_ids"].append(prompt + target + [end])
+                    out["labels"].append([-100] * len(prompt) + target + [end])
                 else:
-                    text = (self.encoder_prefix if self.t5_style else "") + head + body + tail
-                    source = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-                    label_ids = before + target + after if after else before + target + [eos]
+                    target = ids(self.target(example))[:max_target]
+                    source = _encoder_input(tokenizer, ids, (head, body, tail), max_length, (before, after))
+                    label_ids = before + target + after if after else before + target + [tokenizer.eos_token_id]
                     out["input_ids"].append(source)
                     out["labels"].append(label_ids)
                 out["references"].append(self.references(example))
@@ -275,26 +334,28 @@ class GenerationTask(Task):
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def generation_kwargs(self) -> dict[str, Any]:
         tokenizer = self.prepared_tokenizer
+        stops = self.stop_ids()
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.setting("max_new_tokens"),
             "num_beams": self.opts.num_beams,
             "do_sample": False,
             "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
+            "eos_token_id": stops if len(stops) > 1 else stops[0],
         }
         if self.opts.no_repeat_ngram_size:
             kwargs["no_repeat_ngram_size"] = self.opts.no_repeat_ngram_size
         return kwargs
 
     def texts(self, generated: Any) -> list[str]:
-        """Generated ids (padded with -100 or the pad id) as text, each cut at its first end-of-sequence token."""
+        """Generated ids (padded with -100 or the pad id) as text, each cut where the answer ended (end of turn or
+        end of sequence)."""
         tokenizer = self.prepared_tokenizer
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        stops, pad = set(self.stop_ids()), tokenizer.pad_token_id
         out = []
         for row in generated:
             ids = []
             for token in (int(t) for t in row):
-                if token == eos:
+                if token in stops:
                     break
                 if token >= 0 and token != pad:
                     ids.append(token)
@@ -317,6 +378,39 @@ class GenerationTask(Task):
                 row["references"] = references
             rows.append(row)
         return rows
+
+
+def _decoder_prompt(
+    tokenizer: PreTrainedTokenizerBase, before: list[int], ids: Any, parts: tuple[str, str, str], room: int
+) -> list[int]:
+    """The prompt's ids: the rendered text tokenized whole, with BOS exactly once (the template's, else the
+    tokenizer's own); when it does not fit in `room`, the body alone is shortened."""
+    head, body, tail = parts
+    bos = [] if tokenizer.bos_token and (head + body + tail).startswith(tokenizer.bos_token) else before
+    prompt = bos + ids(head + body + tail)
+    if len(prompt) <= room:
+        return prompt
+    head_ids, tail_ids = bos + ids(head), ids(tail)
+    if room - len(head_ids) - len(tail_ids) < 1:
+        raise FtctlError(
+            f"--max-length leaves no room for the input beside the prompt template ({len(head_ids) + len(tail_ids)} "
+            "tokens) and the target; raise --max-length or lower --max-target-length"
+        )
+    return head_ids + ids(body)[: room - len(head_ids) - len(tail_ids)] + tail_ids
+
+
+def _encoder_input(
+    tokenizer: PreTrainedTokenizerBase, ids: Any, parts: tuple[str, str, str], max_length: int, special: tuple
+) -> list[int]:
+    """An encoder's input ids (with the tokenizer's special tokens); the body alone is shortened when too long."""
+    head, body, tail = parts
+    source = tokenizer(head + body + tail)["input_ids"]
+    if len(source) <= max_length:
+        return source
+    before, after = special
+    head_ids, tail_ids = ids(head), ids(tail)
+    keep = max(0, max_length - len(before) - len(after) - len(head_ids) - len(tail_ids))
+    return (before + head_ids + ids(body)[:keep] + tail_ids + after)[:max_length]
 
 
 def require_columns(splits: dict[str, datasets.Dataset], columns: list[str], flags: dict[str, str]) -> None:

@@ -1,9 +1,10 @@
 """Generative question answering on SQuAD-format data: the model writes the answer instead of pointing at it.
 
-Encoder-decoders read `question: <q> context: <c>` (the T5 paper's format); decoders read
-`Context: <c>\\nQuestion: <q>\\nAnswer:` and learn the answer after it (the context is what gets shortened when the
-prompt is too long). The target is the first gold answer; generated answers are scored with the official SQuAD
-normalisation against all gold answers: exact match and F1 (0-100).
+Encoder-decoders read `question: <q> context: <c>` (the T5 paper's format); decoders are asked to answer with a
+short span of the context, through their chat template when they have one, else as
+`<instruction>\\n\\nContext: <c>\\nQuestion: <q>\\nAnswer:`, and learn the answer after it (the context is what
+gets shortened when the prompt is too long). The target is the first gold answer; generated answers are scored with
+the official SQuAD normalisation against all gold answers: exact match and F1 (0-100).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tasks.base import Preset, register_task
 from tasks.extractive_qa import COLUMNS, ExtractiveQaTask, answers_of
 from tasks.generation import GenerationTask
 from tasks.metrics import exact_match, squad_scores, token_f1
+from tasks.prompts import PromptSpec
 
 
 @register_task
@@ -38,6 +40,15 @@ class GenerativeQaTask(GenerationTask):
         ),
     }
     read_file = ExtractiveQaTask.read_file
+    prompt_spec = PromptSpec(
+        instruction="Answer the question with a short span from the context.",
+        chat="{instruction}\n\nContext: {context}\nQuestion: {question}",
+        plain="{instruction}\n\nContext: {context}\nQuestion: {question}\nAnswer:",
+        seq2seq="question: {question} context: {context}",
+        seq2seq_plain="question: {question} context: {context}",
+        fields=("question", "context"),
+        body="context",
+    )
 
     def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         for split, ds in splits.items():
@@ -57,11 +68,8 @@ class GenerativeQaTask(GenerationTask):
     def _answers(self, example: dict[str, Any]) -> list[str]:
         return answers_of(example["answers"], str(example["context"]), "data", locate=False)[0]
 
-    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
-        question, context = str(example["question"]).strip(), str(example["context"]).strip()
-        if self.decoder:
-            return "Context: ", context, f"\nQuestion: {question}\nAnswer:"
-        return f"question: {question} context: ", context, ""
+    def fields(self, example: dict[str, Any]) -> dict[str, str]:
+        return {"question": str(example["question"]).strip(), "context": str(example["context"]).strip()}
 
     def target(self, example: dict[str, Any]) -> str:
         return self._answers(example)[0]

@@ -28,6 +28,7 @@ from ftctl.errors import FtctlError
 from ftctl.options import option
 from tasks.base import Preset, register_task
 from tasks.generation import GenerationOptions, GenerationTask
+from tasks.prompts import PromptFormat, PromptSpec
 
 ALPACA_HEAD = (
     "Below is an instruction that describes a task{}. Write a response that appropriately completes the request.\n\n"
@@ -67,6 +68,17 @@ class InstructionTuningTask(GenerationTask):
     defaults = {"max_length": 512}
     max_new_tokens = 128
     max_target_length = 256
+    # the data brings the instruction: a chat template gets it (and the input) as the user turn; without one the
+    # Stanford Alpaca prompt is used (prompt/completion data: its own prompt)
+    prompt_spec = PromptSpec(
+        instruction="{instruction}",
+        chat="{request}",
+        plain="{request}",
+        seq2seq="{request}",
+        seq2seq_plain="{request}",
+        fields=("instruction", "input", "request"),
+        body="request",
+    )
     presets = {
         "instruction": Preset(
             "generic: Alpaca JSON (instruction/input/output), prompt/completion or chat (messages) JSONL"
@@ -92,23 +104,31 @@ class InstructionTuningTask(GenerationTask):
         return {}
 
     def _chat(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+        """Chat data: the conversation before the last reply, rendered by the chat template (or a plain layout)."""
         if not messages or messages[-1].get("role") != "assistant":
             raise FtctlError("chat examples must end with the assistant's message (the response to learn)")
         history, reply = messages[:-1], str(messages[-1].get("content") or "")
-        tokenizer = self.prepared_tokenizer
-        if self.decoder and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-            if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
-                text = text[len(tokenizer.bos_token) :]  # the tokenizer's own BOS is added once, by encode
+        if self.prompt_format().mode == "chat":
+            text = self.prepared_tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
             return text, reply
         turns = "".join(f"### {m.get('role', 'user').capitalize()}:\n{m.get('content', '')}\n\n" for m in history)
         return turns + "### Assistant:\n", reply
 
-    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
+    def fields(self, example: dict[str, Any]) -> dict[str, str]:
+        if data_format(list(example)) == "prompt-completion":
+            request = str(example["prompt"])
+            return {"instruction": request, "input": "", "request": request}
+        instruction, extra = str(example["instruction"]).strip(), str(example.get("input") or "").strip()
+        return {"instruction": instruction, "input": extra, "request": instruction + (f"\n\n{extra}" if extra else "")}
+
+    def prompt_parts(self, example: dict[str, Any], fmt: PromptFormat | None = None) -> tuple[str, str, str]:
         form = data_format(list(example))
         if form == "chat":
             return "", self._chat(example["messages"])[0], ""
-        if form == "prompt-completion":
+        fmt = fmt or self.prompt_format()
+        if fmt.mode == "chat" or self.opts.prompt_template:
+            return fmt.render(self.fields(example), self.shots)
+        if form == "prompt-completion":  # the data's own prompt, as written
             return "", str(example["prompt"]), ""
         instruction, extra = str(example["instruction"]).strip(), str(example.get("input") or "").strip()
         if extra:

@@ -1,7 +1,8 @@
 """Abstractive summarization: CNN/DailyMail, XSum, or any document/summary table.
 
-Encoder-decoders read `summarize: <document>` (the prefix for T5-family models only; BART takes the plain
-document); decoders read `<document>\\n\\nSummary:` and learn the summary after it. Metrics: ROUGE-1/2/L/Lsum
+Prompts (tasks/prompts.py): T5-family models read `summarize: <document>`, BART the document; decoders are asked
+to "Summarize the following article." (in one sentence for XSum), through their chat template when they have one,
+else as `<instruction>\\n\\n<document>\\n\\nSummary:`, and learn the summary after it. Metrics: ROUGE-1/2/L/Lsum
 F-measures from `rouge-score` with the Porter stemmer (see tasks/metrics.py).
 
 Data: CSV/TSV/JSON/JSONL/Parquet with a document column (`--text-column`) and a summary column
@@ -21,6 +22,7 @@ from tasks import statistics
 from tasks.base import Preset, register_task
 from tasks.generation import GenerationTask, require_columns
 from tasks.metrics import rouge_scores
+from tasks.prompts import PromptSpec
 
 
 @register_task
@@ -30,7 +32,15 @@ class SummarizationTask(GenerationTask):
     metrics = ("rouge1", "rouge2", "rougeL", "rougeLsum")
     primary_metric = "rougeL"
     pipeline_tag = "summarization"
-    encoder_prefix = "summarize: "
+    prompt_spec = PromptSpec(
+        instruction="Summarize the following article.",
+        chat="{instruction}\n\n{text}",
+        plain="{instruction}\n\n{text}\n\nSummary:",
+        seq2seq="summarize: {text}",
+        seq2seq_plain="{text}",
+        fields=("text",),
+        body="text",
+    )
     defaults = {"max_length": 512}
     max_new_tokens = 128
     max_target_length = 128
@@ -49,7 +59,11 @@ class SummarizationTask(GenerationTask):
             "XSum BBC articles with one-sentence summaries",
             hub=("EdinburghNLP/xsum", None),
             values={"text_column": ["document"], "label_column": "summary"},
-            facts={"max_new_tokens": 64, "max_target_length": 64},
+            facts={
+                "max_new_tokens": 64,
+                "max_target_length": 64,
+                "instruction": "Summarize the following article in one sentence.",
+            },
         ),
     }
 
@@ -63,9 +77,8 @@ class SummarizationTask(GenerationTask):
         require_columns(splits, [document, summary], {document: "--text-column", summary: "--label-column"})
         return {}
 
-    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
-        document = str(example[self.cfg.text_column[0]]).strip()
-        return ("", document, "") if not self.decoder else ("", document, "\n\nSummary:")
+    def fields(self, example: dict[str, Any]) -> dict[str, str]:
+        return {"text": str(example[self.cfg.text_column[0]]).strip()}
 
     def target(self, example: dict[str, Any]) -> str:
         return str(example[self.cfg.label_column]).strip()

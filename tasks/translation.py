@@ -27,6 +27,7 @@ from tasks import statistics
 from tasks.base import Preset, register_task
 from tasks.generation import GenerationOptions, GenerationTask
 from tasks.metrics import METEOR_NOTE, translation_scores, wordnet
+from tasks.prompts import PromptSpec
 
 LANGUAGES = {
     "en": "English",
@@ -72,16 +73,21 @@ class TranslationTask(GenerationTask):
         ),
     }
 
+    prompt_spec = PromptSpec(
+        instruction="Translate {source_lang} to {target_lang}.",
+        chat="{instruction}\n\n{text}",
+        plain="{instruction}\n\n{source_lang}: {text}\n{target_lang}:",
+        seq2seq="translate {source_lang} to {target_lang}: {text}",
+        seq2seq_plain="{text}",
+        fields=("text", "source_lang", "target_lang"),
+        body="text",
+    )
+
     def lang(self, side: str) -> str:
         code = getattr(self.opts, f"{side}_lang") or self.preset.facts.get(f"{side}_lang")
         if not code:
             raise FtctlError(f"task '{self.preset_name}' needs --{side}-lang CODE (e.g. en, ro, de)")
         return code
-
-    @property
-    def pair(self) -> str:
-        source, target = (LANGUAGES.get(c, c) for c in (self.lang("source"), self.lang("target")))
-        return f"{source} to {target}"
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
         p = Path(path)
@@ -119,11 +125,9 @@ class TranslationTask(GenerationTask):
                     raise FtctlError(f"{split} data: row {i + 1} has an empty {source} or {target} text")
         return {}
 
-    def prompt_parts(self, example: dict[str, Any]) -> tuple[str, str, str]:
-        text = self._pair(example)[0].strip()
-        if self.decoder:
-            return f"Translate {self.pair}:\n", text, f"\n{LANGUAGES.get(self.lang('target'), self.lang('target'))}:"
-        return (f"translate {self.pair}: " if self.t5_style else ""), text, ""
+    def fields(self, example: dict[str, Any]) -> dict[str, str]:
+        source, target = (LANGUAGES.get(c, c) for c in (self.lang("source"), self.lang("target")))
+        return {"text": self._pair(example)[0].strip(), "source_lang": source, "target_lang": target}
 
     def target(self, example: dict[str, Any]) -> str:
         return self._pair(example)[1].strip()

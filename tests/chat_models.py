@@ -54,7 +54,8 @@ GEMMA2 = (
     "{% for message in messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
@@ -168,7 +169,8 @@ def build_model(family: str, tokenizer):
 def save_chat_model(family: str, directory: Path) -> Path:
     tokenizer = build_tokenizer(family)
     model = build_model(family, tokenizer)
-    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(end_of_turn(family)), tokenizer.eos_token_id]
+    turn_end = tokenizer.convert_tokens_to_ids(end_of_turn(family))
+    model.generation_config.eos_token_id = [turn_end, tokenizer.eos_token_id]
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -125,14 +125,14 @@ def qa(case: dict) -> dict:
 
 
 def seq2seq(case: dict) -> dict:
-    """Greedy generation from the prompt, with the T5 task prefix the model card names (transformers 5 has no
-    summarization or translation pipeline any more)."""
+    """Greedy generation from the prompt the run recorded, exactly as the model read it (T5's task prefix included;
+    transformers 5 has no summarization or translation pipeline any more)."""
     rows = recorded(case["run"])
     model = load(case, AutoModelForSeq2SeqLM, "AutoPeftModelForSeq2SeqLM")
     tokenizer = AutoTokenizer.from_pretrained(case["run"])
     texts = []
     for r in rows:
-        enc = tokenizer(case["prefix"] + r["prompt"], return_tensors="pt")
+        enc = tokenizer(r["prompt"], return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=4, do_sample=False)
         texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
     return {"auto": texts}
@@ -146,10 +146,10 @@ def causal(case: dict) -> dict:
     for r in rows:
         enc = tokenizer(r["prompt"], return_tensors="pt")
         out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts.append(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+        texts.append(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     generate = pipeline("text-generation", model=case["run"])
-    piped = [
-        generate(r["prompt"], max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
+    piped = [  # ftctl reports an answer without the space that separates it from a plain prompt
+        generate(r["prompt"], max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"].strip()
         for r in rows
     ]
     return {"auto": texts, "pipeline": piped}

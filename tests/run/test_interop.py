@@ -63,8 +63,8 @@ def loaded(models, data, tmp_path_factory) -> dict:
         "stsb_lora": (stsb, "bert", "lora", "regression", {}),
         "squad_lora": (squad, "bert", "lora", "qa", {}),
         "squad_full": (squad, "bert", "full", "qa", {}),
-        "summarization_t5_lora": (summaries, "t5", "lora", "seq2seq", {"prefix": "summarize: "}),
-        "summarization_t5_full": (summaries, "t5", "full", "seq2seq", {"prefix": "summarize: "}),
+        "summarization_t5_lora": (summaries, "t5", "lora", "seq2seq", {}),
+        "summarization_t5_full": (summaries, "t5", "full", "seq2seq", {}),
         "instruction_gpt2_lora": (instructions, "gpt2", "lora", "causal", {}),
         "instruction_gpt2_full": (instructions, "gpt2", "full", "causal", {}),
     }

@@ -43,6 +43,7 @@ def files(tmp_path_factory, data) -> dict[str, list[str]]:
 
 # (preset, family, data files, extra arguments, metric keys)
 QA = ["--max-length", "64", "--doc-stride", "16"]
+T2T = ("accuracy", "f1", "generation_accuracy", "invalid")
 CASES = [
     ("conll2003", "bert", "ner", [], ("precision", "recall", "f1", "accuracy")),
     ("conll2003", "gpt2", "ner", [], ("precision", "recall", "f1", "accuracy")),
@@ -67,7 +68,9 @@ CASES = [
     ("instruction", "gpt2", "instruction", [], ("perplexity",)),
     ("instruction", "llama", "instruction", [], ("perplexity",)),
     ("instruction", "t5", "instruction", [], ("perplexity",)),
-    ("sst2_t2t", "t5", "sst2", ["--max-train-samples", "64", "--max-eval-samples", "8"], ("accuracy", "f1", "invalid")),
+    ("sst2_t2t", "t5", "sst2", ["--max-train-samples", "64", "--max-eval-samples", "8"], T2T),
+    ("sst2_t2t", "gpt2", "sst2", ["--max-train-samples", "64", "--max-eval-samples", "8"], T2T),
+    ("sst2_t2t", "llama", "sst2", ["--max-train-samples", "64", "--max-eval-samples", "8"], T2T),
 ]
 # `evaluate --baseline` once per task
 BASELINE = {
@@ -146,7 +149,6 @@ REFUSED = [
     ("xsum", "bert", "does not support encoder"),
     ("wmt16_en_ro", "bert", "does not support encoder"),
     ("alpaca", "bert", "does not support encoder"),
-    ("sst2_t2t", "gpt2", "does not support decoder"),
 ]
 
 
