@@ -59,6 +59,22 @@ def evaluate(ctx: typer.Context) -> None:
 
 
 @app.command(context_settings=FORWARD, add_help_option=False)
+def predict(ctx: typer.Context) -> None:
+    """Run a fine-tuned model on new, unlabelled inputs. All options: [bold]ftctl predict --help[/]."""
+    from launch.predict import main
+
+    raise typer.Exit(_forward(main, ctx.args))
+
+
+@app.command(context_settings=FORWARD, add_help_option=False)
+def generate(ctx: typer.Context) -> None:
+    """Have a generative run answer prompts. All options: [bold]ftctl generate --help[/]."""
+    from launch.predict import generate as main
+
+    raise typer.Exit(_forward(main, ctx.args))
+
+
+@app.command(context_settings=FORWARD, add_help_option=False)
 def merge(ctx: typer.Context) -> None:
     """Fold a run's LoRA-family adapter into its base model. All options: [bold]ftctl merge --help[/]."""
     from launch.merge import main

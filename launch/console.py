@@ -38,19 +38,22 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def show_metrics(title: str, after: dict[str, Any], before: dict[str, Any] | None = None) -> None:
+def show_metrics(title: str, after: dict[str, Any], before: dict[str, dict[str, Any]] | None = None) -> None:
+    """The metrics, beside each baseline (`before`: column name -> metrics, e.g. zero-shot and 4-shot) and the change
+    from the first of them."""
+    before = before or {}
     table = Table(title=title, title_justify="left")
     table.add_column("metric", style="bold")
-    if before is not None:
-        table.add_column("before (base model)", justify="right")
-    table.add_column("after (fine-tuned)" if before is not None else "value", justify="right")
-    if before is not None:
-        table.add_column("delta", justify="right")
+    for name in before:
+        table.add_column(name, justify="right")
+    table.add_column("fine-tuned" if before else "value", justify="right")
+    if before:
+        table.add_column(f"delta vs {next(iter(before))}", justify="right")
+    first = next(iter(before.values()), None)
     for key, value in scalar_metrics(after).items():
-        if before is None:
-            table.add_row(key, fmt(value))
-        else:
-            base = before.get(key)
-            delta = f"{value - base:+.4f}" if isinstance(base, (int, float)) else ""
-            table.add_row(key, fmt(base), fmt(value), delta)
+        cells = [fmt(b.get(key)) for b in before.values()] + [fmt(value)]
+        if first is not None:
+            base = first.get(key)
+            cells.append(f"{value - base:+.4f}" if isinstance(base, (int, float)) else "")
+        table.add_row(key, *cells)
     console.print(table)

@@ -17,16 +17,16 @@ from typing import Any
 
 import datasets
 import torch
-from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase, set_seed
 
 from ftctl.errors import FtctlError, run_main
-from ftctl.models import load_kwargs, load_tokenizer, resolve_model
+from ftctl.models import load_kwargs, load_tokenizer
 from ftctl.options import Parser
 from launch import engine, record, rundir, runs
 from launch.cache import encode_cached
 from launch.console import console, show_metrics
 from launch.quiet import quiet, quiet_transformers
+from tasks.base import Prompted, Task
 
 
 def build_parser() -> Parser:
@@ -39,7 +39,19 @@ def build_parser() -> Parser:
         help="which of the run's splits (default: test if the data has one, else validation)",
     )
     parser.add_argument("--model", help="base model for an adapter (default: the one in its adapter config)")
-    parser.add_argument("--baseline", action="store_true", help="also score the base model before fine-tuning")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also score the base model before fine-tuning: zero-shot with the run's prompts (prompted tasks), or "
+        "with a new, untrained head (head-based tasks: about chance, and labelled so)",
+    )
+    parser.add_argument(
+        "--few-shot",
+        type=int,
+        metavar="K",
+        help="prompted tasks: also score the base model with K training examples in its prompt (in-context "
+        "learning; a fixed, seeded choice, classes balanced for classification)",
+    )
     parser.add_argument("--output", metavar="FILE", help="where to write the metrics (default: RUN_DIR/eval.json)")
     parser.add_argument(
         "--text-column", nargs="+", action="extend", help="text column(s) of --data (default: the run's)"
@@ -58,18 +70,20 @@ class Scored:
     details: dict[str, Any]
     predictions: Any
     seconds: float
+    task: Task  # as it scored (a few-shot baseline's carries its examples): its prediction rows show its prompts
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Score a run directory (and, with --baseline, its base model) and write eval.json."""
+    """Score a run directory (and, with --baseline/--few-shot, its base model) and write eval.json."""
     quiet()
     opts = build_parser().parse_strict(list(sys.argv[1:] if argv is None else argv))
-    weights, spec = locate(opts["run_dir"])
+    weights, spec = runs.locate(opts["run_dir"])
     output = Path(opts["output"]) if opts["output"] else weights / "eval.json"
     if output.exists() and output.is_dir():
         raise FtctlError(f"--output {output} is a directory; give a file path")
     run = load_run(opts, weights, spec)
-    check_weights(weights, run.method.is_peft)
+    runs.check_weights(weights, run.method.is_peft)
+    check_few_shot(run, opts["few_shot"])  # refused before anything is loaded
     raw, source = evaluation_data(run, opts)
 
     quiet_transformers()
@@ -86,38 +100,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except (OSError, ValueError, RuntimeError) as exc:
             raise FtctlError(f"cannot load the fine-tuned model from {weights}: {str(exc).splitlines()[0]}") from None
         after = score_model(run, args, model, tokenizer, encoded)
-        before = None
-        if opts["baseline"]:
-            set_seed(run.cfg.seed)  # the untrained head starts from the same seeded initialisation as training did
-            before = score_model(
-                run, args, run.task.build_model(run.model_ref, tokenizer, model_kwargs), tokenizer, encoded
-            )
+        del model
+        before = score_baselines(run, opts, args, tokenizer, model_kwargs, raw)
 
     result = eval_json(opts, run, weights, raw, source, after, before)
     if args.process_index == 0:
         write(output, result, run, raw, after, before)
-        show_metrics(
-            f"{run.task.preset_name} / {run.method.variant} on {source}: {len(raw):,} examples",
-            after.metrics,
-            before.metrics if before else None,
-        )
+        title = f"{run.task.preset_name} / {run.method.variant} on {source}: {len(raw):,} examples"
+        show_metrics(title, after.metrics, {name: b.metrics for name, b in before.items()})
         console.print(f"wrote {output}")
     return result
 
 
+def baseline_name(task: Task) -> str:
+    """What the base model's score is for this task: prompted zero-shot, or a new head's untrained guess."""
+    return "zero-shot" if isinstance(task, Prompted) else "untrained head"
+
+
+def check_few_shot(run: runs.Run, k: int | None) -> None:
+    if k is None:
+        return
+    if k < 1:
+        raise FtctlError(f"--few-shot must be at least 1, got {k}")
+    if not isinstance(run.task, Prompted):
+        raise FtctlError(
+            f"--few-shot: task '{run.task.preset_name}' predicts with a new head, which no prompt feeds; examples in "
+            "a prompt need a prompted task (e.g. sst2_t2t for classification by generation)"
+        )
+
+
+def score_baselines(
+    run: runs.Run,
+    opts: dict[str, Any],
+    args: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    model_kwargs: dict[str, Any],
+    raw: datasets.Dataset,
+) -> dict[str, Scored]:
+    """The base model before fine-tuning: zero-shot (`--baseline`) and with K examples in the prompt (`--few-shot`),
+    each on the same examples and prompts as the fine-tuned model."""
+    scored: dict[str, Scored] = {}
+    tasks: dict[str, Task] = {}
+    if opts["baseline"]:
+        tasks[baseline_name(run.task)] = run.task
+    if opts["few_shot"]:
+        train = run.task.load().splits["train"]
+        if opts["few_shot"] > len(train):
+            raise FtctlError(f"--few-shot {opts['few_shot']}: the training data has only {len(train)} examples")
+        assert isinstance(run.task, Prompted)  # check_few_shot refused the others
+        shots = run.task.few_shot(train, opts["few_shot"], run.cfg.seed)
+        tasks[f"{opts['few_shot']}-shot"] = run.task.bind(shots=shots)
+    for name, task in tasks.items():
+        set_seed(run.cfg.seed)  # an untrained head starts from the same seeded initialisation as training did
+        encoded = encode_cached(task, raw, tokenizer, run.cfg.token_cache)
+        base = task.build_model(run.model_ref, tokenizer, model_kwargs)
+        scored[name] = score_model(dataclasses.replace(run, task=task), args, base, tokenizer, encoded)
+    return scored
+
+
 def load_run(opts: dict[str, Any], weights: Path, spec: dict[str, Any]) -> runs.Run:
-    """The recorded run, with the options this command overrides; its base model from --model, the adapter config
-    (adapters) or the run record (full models)."""
-    overrides: dict[str, Any] = {
-        # scoring needs no logging, checkpoints or sharded optimizer; the saved result loads without DeepSpeed
-        "report_to": ["none"],
-        "eval_strategy": "no",
-        "save_strategy": "no",
-        "early_stopping_patience": None,
-        "save_every": None,
-        "keep_last": None,
-        "deepspeed": None,
-    }
+    """The recorded run, with the options this command overrides (runs.from_saved)."""
+    overrides: dict[str, Any] = {}
     if opts["data"]:
         overrides["max_eval_samples"] = None  # the run's cap was for its own splits; a file given here is scored whole
     for key in ("text_column", "label_column", "max_eval_samples"):
@@ -127,12 +170,7 @@ def load_run(opts: dict[str, Any], weights: Path, spec: dict[str, Any]) -> runs.
         if opts["batch_size"] <= 0:
             raise FtctlError(f"--batch-size must be greater than 0, got {opts['batch_size']}")
         overrides["eval_batch_size"] = opts["batch_size"]
-    base = resolve_model(opts["model"]) if opts["model"] else None
-    if base is None and (weights / "adapter_config.json").is_file():
-        adapter = rundir.read_json(weights / "adapter_config.json", "adapter config")
-        base = resolve_model(adapter.get("base_model_name_or_path"))
-    where = str(weights / rundir.RUN_FILE)
-    return runs.from_record(spec["config"], spec["task_state"], where, model=base or spec["model_ref"], **overrides)
+    return runs.from_saved(weights, spec, opts["model"], **overrides)
 
 
 def evaluation_data(run: runs.Run, opts: dict[str, Any]) -> tuple[datasets.Dataset, str]:
@@ -159,7 +197,7 @@ def score_model(
     trainer = engine.build_trainer(run.cfg, args, run.task, run.method, model, tokenizer, None, None)
     started = time.time()
     metrics, details, predictions = engine.score(trainer, run.task, encoded)
-    return Scored(metrics, details, predictions, time.time() - started)
+    return Scored(metrics, details, predictions, time.time() - started, run.task)
 
 
 def eval_json(
@@ -169,11 +207,20 @@ def eval_json(
     raw: datasets.Dataset,
     source: str,
     after: Scored,
-    before: Scored | None,
+    before: dict[str, Scored],
 ) -> dict[str, Any]:
     result: dict[str, Any] = {**after.metrics, "details": after.details}
-    if before is not None:
-        result["baseline"] = {**before.metrics, "details": before.details}
+    zero = before.get(baseline_name(run.task))
+    if zero is not None:
+        result["baseline"] = {**zero.metrics, "details": zero.details}
+        result["baseline_kind"] = (
+            "zero-shot: the base model, prompted the same way"
+            if isinstance(run.task, Prompted)
+            else "untrained head: the base model with a new, untrained task head (about chance)"
+        )
+    if opts["few_shot"]:
+        few = before[f"{opts['few_shot']}-shot"]
+        result["few_shot"] = {"k": opts["few_shot"], "metrics": few.metrics, "details": few.details}
     result["info"] = {
         "run_dir": str(Path(opts["run_dir"]).resolve()),
         "weights": str(weights.resolve()),
@@ -188,61 +235,26 @@ def eval_json(
 
 
 def write(
-    output: Path, result: dict[str, Any], run: runs.Run, raw: datasets.Dataset, after: Scored, before: Scored | None
+    output: Path,
+    result: dict[str, Any],
+    run: runs.Run,
+    raw: datasets.Dataset,
+    after: Scored,
+    before: dict[str, Scored],
 ) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_json(output, result)
     stem = output.with_suffix("")
-    rundir.write_jsonl(Path(f"{stem}_predictions.jsonl"), run.task.prediction_rows(raw, after.predictions))
-    if before is not None:
-        rundir.write_jsonl(
-            Path(f"{stem}_baseline_predictions.jsonl"), run.task.prediction_rows(raw, before.predictions)
-        )
+    rundir.write_jsonl(Path(f"{stem}_predictions.jsonl"), after.task.prediction_rows(raw, after.predictions))
+    for name, scored in before.items():
+        suffix = "baseline" if name == baseline_name(run.task) else "few_shot"
+        rows = scored.task.prediction_rows(raw, scored.predictions)
+        rundir.write_jsonl(Path(f"{stem}_{suffix}_predictions.jsonl"), rows)
     run_file = output.parent / rundir.RUN_FILE
-    if before is not None and output.name == "eval.json" and run_file.is_file():
+    if before and output.name == "eval.json" and run_file.is_file():
         # the run's own model card gains the before/after results (the Hub shows them from its model-index)
         card = record.model_card(rundir.read_json(run_file, "run record"), result)
         rundir.write_text(output.parent / "README.md", card)
-
-
-def locate(run_dir: str) -> tuple[Path, dict[str, Any]]:
-    """(directory holding the weights, run spec) for a finished run or a checkpoint."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise FtctlError(f"run directory not found: {run_dir}")
-    if (path / rundir.RUN_FILE).is_file():
-        record = rundir.read_json(path / rundir.RUN_FILE, "run record")
-        if record.get("status") != "completed" or "config" not in record:
-            raise FtctlError(f"{path / rundir.RUN_FILE} is not a completed ftctl run record")
-        return path, {
-            "config": record["config"],
-            "task_state": record["task"]["state"],
-            "model_ref": record["model"]["name_or_path"],
-        }
-    for spec_path in (path / rundir.SPEC_FILE, path.parent / rundir.SPEC_FILE):
-        if spec_path.is_file() and path.name.startswith("checkpoint-"):
-            return path, rundir.read_json(spec_path, "run spec")
-    if (path / rundir.SPEC_FILE).is_file():
-        checkpoints = sorted(p.name for p in path.glob("checkpoint-*"))
-        hint = f"evaluate a checkpoint, e.g. {path / checkpoints[-1]}, or " if checkpoints else ""
-        raise FtctlError(f"the run in {run_dir} did not finish (no run.json); {hint}continue it with --resume")
-    raise FtctlError(f"{run_dir} is not an ftctl run directory (no run.json) nor a checkpoint of one")
-
-
-def check_weights(weights: Path, peft: bool) -> None:
-    """Refuse a directory whose weights are missing or unreadable, before loading anything."""
-    name = "adapter_model.safetensors" if peft else "model.safetensors"
-    files = [weights / name] if (weights / name).is_file() else sorted(weights.glob(name.replace(".", "-*.", 1)))
-    if not files:
-        raise FtctlError(f"{weights} has no {name}: the run directory is incomplete or damaged")
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt"):  # checks the header against the file's length
-                pass
-        except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
-            raise FtctlError(
-                f"{file} is damaged or truncated ({str(exc).splitlines()[0]}); re-run or restore it"
-            ) from None
 
 
 if __name__ == "__main__":

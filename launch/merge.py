@@ -21,8 +21,8 @@ from ftctl.models import load_kwargs, load_tokenizer, resolve_model
 from ftctl.options import Parser
 from launch import rundir, runs
 from launch.console import console
-from launch.evaluate import check_weights, locate
 from launch.quiet import quiet, quiet_transformers
+from launch.runs import check_weights, locate
 
 if TYPE_CHECKING:  # annotations only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -36,7 +36,7 @@ from launch.console import console, fmt, scalar_metrics, show_metrics
 from launch.engine import FtctlTrainer
 from launch.runs import Run
 from methods.base import saved_weights, trained_modules
-from tasks.base import LoadedData, Task
+from tasks.base import LoadedData, Prompted, Task
 
 CARD_SKIP = ("details", "baseline", "info", "loss")  # not metrics of the model card's results
 NOT_REPEATED = ("output_dir", "overwrite", "resume", "resume_from")  # config.yaml repeats the run elsewhere
@@ -202,6 +202,7 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
             "auto_model": task.fit.auto_model,
             "pipeline_tag": task.fit.pipeline_tag,
             "load_args": task.load_args(run.model_config),
+            **({"prompt": task.prompt_record(facts.data.splits["train"][0])} if isinstance(task, Prompted) else {}),
         },
         "method": {
             "name": method.variant,
@@ -349,10 +350,16 @@ def model_card(run_record: dict[str, Any], evaluation: dict[str, Any] | None = N
         for key, value in scalar_metrics(metrics or {}).items():
             lines.append(f"| {split} | {key} | {fmt(value)} |")
     if evaluation and isinstance(evaluation.get("baseline"), dict):
-        lines += ["", f"Before fine-tuning (the untouched base model, on {evaluation['info']['data']}):", "",
-                  "| metric | before | after |", "|---|---|---|"]  # fmt: skip
+        kind = evaluation.get("baseline_kind") or "the untouched base model"
+        few = evaluation.get("few_shot") if isinstance(evaluation.get("few_shot"), dict) else None
+        lines += ["", f"Before fine-tuning ({kind}, on {evaluation['info']['data']}):", "",
+                  "| metric | before | " + (f"{few['k']}-shot | " if few else "") + "after |",
+                  "|---|---|" + ("---|" if few else "") + "---|"]  # fmt: skip
         for key, value in scalar_metrics({k: v for k, v in evaluation.items() if k not in CARD_SKIP}).items():
-            lines.append(f"| {key} | {fmt(evaluation['baseline'].get(key))} | {fmt(value)} |")
+            shots = f" {fmt(few['metrics'].get(key))} |" if few else ""
+            lines.append(f"| {key} | {fmt(evaluation['baseline'].get(key))} |{shots} {fmt(value)} |")
+    if task.get("prompt"):
+        lines += prompt_section(task["prompt"])
     lines += [
         "",
         "## Training",
@@ -374,6 +381,24 @@ def model_card(run_record: dict[str, Any], evaluation: dict[str, Any] | None = N
         "",
     ]
     return str(ModelCard(f"---\n{card_data(run_record, evaluation).to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def prompt_section(prompt: dict[str, Any]) -> list[str]:
+    """How the model is prompted: the same format at training, evaluation and inference."""
+    first = prompt["first_example"]
+    how = {"chat": "the tokenizer's chat template", "plain": "a plain-text template", "seq2seq": "the encoder input"}
+    return [
+        "",
+        "## Prompt",
+        "",
+        f"Prompted through {how.get(prompt['mode'], prompt['mode'])}; the answer ends with `{prompt['end_of_answer']}`."
+        + (f" System prompt: {prompt['system_prompt']!r}." if prompt.get("system_prompt") else ""),
+        "The first training example, exactly as the model read it, then its target:",
+        "",
+        "```text",
+        first["prompt"] + first["target"] + (prompt["end_of_answer"] if prompt["mode"] != "seq2seq" else ""),
+        "```",
+    ]
 
 
 def usage(task: dict[str, Any], method: dict[str, Any], model: dict[str, Any]) -> list[str]:

@@ -1,6 +1,7 @@
 """One run-loading path: options in, a checked, typed run out.
 
-`ftctl train`, `ftctl evaluate`, `ftctl merge` and grid planning all turn options into a `Run` here: the options
+`ftctl train`, `evaluate`, `merge`, `predict`, `generate` and grid planning all turn options into a `Run` here (a
+finished run through `locate` and `from_saved`): the options
 resolved (`launch.config`), the backbone's config read (no weights), its family found, the task fitted to it, the
 precision checked, the launch facts read (from `--deepspeed`, an accelerate config or the environment accelerate's
 launcher exports) and the method's refusals asked. So they refuse exactly the same things, before anything is
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from ftctl.config import RunConfig
@@ -23,7 +25,7 @@ from ftctl.errors import FtctlError
 from ftctl.facts import DataFacts, LaunchFacts
 from ftctl.models import check_precision, load_config, model_family, resolve_model
 from ftctl.vocab import Family
-from launch import configs, tracking
+from launch import configs, rundir, tracking
 from launch.config import Resolved, resolve, resolve_values, stored_values
 from launch.rundir import RUN_FILE, read_json
 from methods.base import Context, Method
@@ -175,3 +177,69 @@ def _accelerate_deepspeed(plugin: Mapping[str, Any], file: Path | None) -> dict[
         for key in ("offload_optimizer_device", "offload_param_device")
     )
     return {"stage": int(plugin.get("zero_stage") or 0), "offload": offload, "optimizer": False}
+
+
+# ---- finished runs: evaluate, predict and generate load them here -------------------------------------------------
+# scoring and inference need no logging, checkpoints or sharded optimizer; the saved result loads without DeepSpeed
+SCORING = {
+    "report_to": ["none"],
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "early_stopping_patience": None,
+    "save_every": None,
+    "keep_last": None,
+    "deepspeed": None,
+}
+
+
+def from_saved(weights: Path, spec: dict[str, Any], model: str | None = None, **overrides: Any) -> Run:
+    """A finished run (or checkpoint) as recorded, with `overrides`; its base model from `model`, else the adapter's
+    config (adapters) or the run record (full models)."""
+    base = resolve_model(model) if model else None
+    if base is None and (weights / "adapter_config.json").is_file():
+        adapter = read_json(weights / "adapter_config.json", "adapter config")
+        base = resolve_model(adapter.get("base_model_name_or_path"))
+    where = str(weights / RUN_FILE)
+    return from_record(
+        spec["config"], spec["task_state"], where, model=base or spec["model_ref"], **{**SCORING, **overrides}
+    )
+
+
+def locate(run_dir: str) -> tuple[Path, dict[str, Any]]:
+    """(directory holding the weights, run spec) for a finished run or a checkpoint."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FtctlError(f"run directory not found: {run_dir}")
+    if (path / rundir.RUN_FILE).is_file():
+        record = rundir.read_json(path / rundir.RUN_FILE, "run record")
+        if record.get("status") != "completed" or "config" not in record:
+            raise FtctlError(f"{path / rundir.RUN_FILE} is not a completed ftctl run record")
+        return path, {
+            "config": record["config"],
+            "task_state": record["task"]["state"],
+            "model_ref": record["model"]["name_or_path"],
+        }
+    for spec_path in (path / rundir.SPEC_FILE, path.parent / rundir.SPEC_FILE):
+        if spec_path.is_file() and path.name.startswith("checkpoint-"):
+            return path, rundir.read_json(spec_path, "run spec")
+    if (path / rundir.SPEC_FILE).is_file():
+        checkpoints = sorted(p.name for p in path.glob("checkpoint-*"))
+        hint = f"evaluate a checkpoint, e.g. {path / checkpoints[-1]}, or " if checkpoints else ""
+        raise FtctlError(f"the run in {run_dir} did not finish (no run.json); {hint}continue it with --resume")
+    raise FtctlError(f"{run_dir} is not an ftctl run directory (no run.json) nor a checkpoint of one")
+
+
+def check_weights(weights: Path, peft: bool) -> None:
+    """Refuse a directory whose weights are missing or unreadable, before loading anything."""
+    name = "adapter_model.safetensors" if peft else "model.safetensors"
+    files = [weights / name] if (weights / name).is_file() else sorted(weights.glob(name.replace(".", "-*.", 1)))
+    if not files:
+        raise FtctlError(f"{weights} has no {name}: the run directory is incomplete or damaged")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):  # checks the header against the file's length
+                pass
+        except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+            raise FtctlError(
+                f"{file} is damaged or truncated ({str(exc).splitlines()[0]}); re-run or restore it"
+            ) from None

@@ -18,6 +18,8 @@ from typing import Any
 
 import datasets
 import torch
+from rich.panel import Panel
+from rich.text import Text
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -27,13 +29,13 @@ from ftctl.models import load_kwargs, load_tokenizer
 from launch import engine, record, rundir, runs
 from launch.cache import encode_cached
 from launch.config import default_output_dir
-from launch.console import show_pairs
+from launch.console import console, show_pairs
 from launch.dropout import use_cpu_dropout
 from launch.engine import FtctlTrainer
 from launch.quiet import quiet, quiet_transformers
 from launch.reliability import GracefulStop, RunStopped
 from methods.base import frozen_linears_to, parameter_counts
-from tasks.base import LoadedData
+from tasks.base import LoadedData, Prompted
 
 
 @dataclass
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
     main_process = s.args.process_index == 0
     if main_process:
         show_pairs("ftctl train", banner(s))
+        show_prompt(s)  # prompted tasks: the first example exactly as the model reads it
 
     run_dir = open_run_dir(s)  # from here on, the run directory is written
     validation = engine.sort_by_length(s.encoded["validation"])[0]  # evaluation in length order: less padding
@@ -159,6 +162,17 @@ def banner(s: Setup) -> list[tuple[str, Any]]:
         ("output", cfg.output_dir),
         *([("resuming from", s.resume_checkpoint)] if s.resume_checkpoint else []),
     ]
+
+
+def show_prompt(s: Setup) -> None:
+    """A prompted task's first training example as the model reads it, and the target it learns after it."""
+    if not isinstance(s.run.task, Prompted):
+        return
+    prompt = s.run.task.prompt_record(s.data.splits["train"][0])
+    end = prompt["end_of_answer"] if prompt["mode"] != "seq2seq" else ""
+    text = prompt["first_example"]["prompt"] + prompt["first_example"]["target"] + end
+    title = f"prompt ({prompt['mode']}; the answer ends with {prompt['end_of_answer']})"
+    console.print(Panel(Text(text), title=title, title_align="left", expand=False))
 
 
 def open_run_dir(s: Setup) -> Path:

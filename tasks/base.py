@@ -9,6 +9,7 @@ the training loop. A task registers one class under all of its preset names (`ss
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,22 @@ class ExampleStatistics(Protocol):
     def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray: ...
 
     def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class Prompted(Protocol):
+    """Reads prompts (tasks/prompts.py): a run records their format and its first example as the model read it."""
+
+    def prompt_record(self, example: dict[str, Any]) -> dict[str, Any]: ...
+
+    def few_shot(self, train: datasets.Dataset, k: int, seed: int) -> tuple[Any, ...]: ...
+
+
+@runtime_checkable
+class TakesText(Protocol):
+    """Writes text from a free-form input (`ftctl generate RUN --prompt TEXT`): the input as one of its examples."""
+
+    def example_from_text(self, text: str, context: str | None = None) -> dict[str, Any]: ...
 
 
 @runtime_checkable
@@ -253,6 +270,27 @@ class Task:
         """Refuse data the task cannot use (missing columns, bad labels). Returns the task's state: learnt from the
         train data when `training`, else this task's own (bound) state, against which the splits were checked."""
         raise NotImplementedError
+
+    # ---- inference on unlabelled data (`ftctl predict`) ---------------------------------------------------------
+    # the fields of a prediction row that describe the gold answer: left out of what `predict` writes
+    gold_fields: ClassVar[tuple[str, ...]] = ()
+
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        """Inputs without answers, made encodable: a placeholder answer where the data has none. The placeholder is
+        never shown (`gold_fields` are left out) and never reaches the model (scoring runs on the inputs alone)."""
+        return ds
+
+    def with_options(self, **changes: Any) -> Task:
+        """A copy whose task options differ (e.g. `predict` asking an instruction task to answer every prompt)."""
+        changed = copy.copy(self)
+        changed.opts = dataclasses.replace(self.opts, **changes)
+        return changed
+
+    def with_column(self, ds: datasets.Dataset, column: str | None, value: Any) -> datasets.Dataset:
+        """`ds` with `column` added as `value` in every row, where it is missing."""
+        if not column or column in ds.column_names:
+            return ds
+        return ds.add_column(column, [value] * len(ds))
 
     def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         """Tokenize one split; the result holds model inputs, labels and a `length` column. Pure and batched."""

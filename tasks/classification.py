@@ -204,6 +204,11 @@ class ClassificationTask(Task):
     def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.class_metrics(totals, len(state["label_names"]))
 
+    gold_fields = ("label", "correct")
+
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        return self.with_column(ds, self.cfg.label_column, self.state["label_values"][0])
+
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         ids = class_labels.class_ids(self.state)
         columns, label_column = self.cfg.text_column, self.cfg.label_column

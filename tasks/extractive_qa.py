@@ -289,6 +289,11 @@ class ExtractiveQaTask(Task):
     def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.mean_metrics(totals, ("exact_match", "f1"), scale=100.0)
 
+    gold_fields = ("answers", "exact_match", "f1")
+
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        return self.with_column(ds, "answers", {"text": [], "answer_start": []})
+
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         rows = []
         for i, (example, answer) in enumerate(zip(raw, predictions, strict=True)):

@@ -17,6 +17,7 @@ model's input there. Generation settings: `--num-beams`, `--max-new-tokens`, `--
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
 from tasks.base import ModelFit, Task, fresh_modules
-from tasks.prompts import CHAT_CHOICES, PromptFormat, PromptSpec, check_template, read_template
+from tasks.prompts import CHAT_CHOICES, PromptFormat, PromptSpec, Shot, check_template, read_template
 
 T5_TYPES = ("t5", "mt5", "umt5", "longt5")  # trained with task prefixes ("summarize: ", "translate ...: ")
 
@@ -181,6 +182,10 @@ class GenerationTask(Task):
     def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         raise NotImplementedError
 
+    # ---- inference (ftctl predict, ftctl generate) ---------------------------------------------------------------
+    gold_fields = ("reference", "references", "perplexity", "nll", "tokens", "exact_match", "f1")
+    PLACEHOLDER = "…"  # an answer for unlabelled inputs: never read (the model generates from the prompt alone)
+
     # ---- settings -----------------------------------------------------------------------------------------------
     def setting(self, name: str) -> int:
         """An option's value, else the preset's, else the task's."""
@@ -195,10 +200,11 @@ class GenerationTask(Task):
     def t5_style(self) -> bool:
         return self.fit.family == Family.ENCODER_DECODER and self.fit.model_type in T5_TYPES
 
-    def prompt_format(self) -> PromptFormat:
+    def prompt_format(self, tokenizer: PreTrainedTokenizerBase | None = None) -> PromptFormat:
+        """The prompts for `tokenizer` (default: the one the task is bound to)."""
         return PromptFormat(
             self.spec(),
-            self.prepared_tokenizer,
+            tokenizer or self.prepared_tokenizer,
             decoder=self.decoder,
             t5_style=self.t5_style,
             chat=self.opts.chat_template,
@@ -211,10 +217,19 @@ class GenerationTask(Task):
         """(head, body, tail) of the prompt, as the model reads it; only the body is shortened when it is too long."""
         return (fmt or self.prompt_format()).render(self.fields(example), self.shots)
 
+    def few_shot(self, train: datasets.Dataset, k: int, seed: int) -> tuple[Shot, ...]:
+        """K solved training examples for the prompt (in-context learning): a seeded choice, so the same run always
+        shows the same examples in the same order."""
+        picked = random.Random(seed).sample(range(len(train)), k)
+        return tuple(self._shot(train[i]) for i in picked)
+
+    def _shot(self, example: dict[str, Any]) -> Shot:
+        return Shot(self.fields(example), self.target(example))
+
     def stop_ids(self, fmt: PromptFormat | None = None) -> list[int]:
         """The tokens that end an answer: the assistant turn's end (chat templates) and EOS."""
-        tokenizer = self.prepared_tokenizer
-        ends = [(fmt or self.prompt_format()).end_of_turn(), tokenizer.eos_token_id]
+        fmt = fmt or self.prompt_format()
+        ends = [fmt.end_of_turn(), fmt.tokenizer.eos_token_id]
         return list(dict.fromkeys(int(t) for t in ends if t is not None))
 
     def prompt_record(self, example: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +304,7 @@ class GenerationTask(Task):
         max_target = self.setting("max_target_length")
         if decoder:  # prompt and target share the decoder's length
             max_target = min(max_target, max_length // 2)
-        fmt = self.prompt_format()
+        fmt = self.prompt_format(tokenizer)
         before, after = special_ids(tokenizer)
         end = self.stop_ids(fmt)[0]
 
@@ -393,8 +408,10 @@ def _decoder_prompt(
     head_ids, tail_ids = bos + ids(head), ids(tail)
     if room - len(head_ids) - len(tail_ids) < 1:
         raise FtctlError(
-            f"--max-length leaves no room for the input beside the prompt template ({len(head_ids) + len(tail_ids)} "
-            "tokens) and the target; raise --max-length or lower --max-target-length"
+            f"the prompt around the input takes {len(head_ids) + len(tail_ids)} tokens (template, instruction, system "
+            f"prompt and any few-shot examples), which leaves no room for the input within {room} tokens (--max-length "
+            "less the target); raise --max-length, shorten the prompt, lower --max-target-length or use fewer "
+            "examples"
         )
     return head_ids + ids(body)[: room - len(head_ids) - len(tail_ids)] + tail_ids
 

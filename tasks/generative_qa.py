@@ -68,6 +68,14 @@ class GenerativeQaTask(GenerationTask):
     def _answers(self, example: dict[str, Any]) -> list[str]:
         return answers_of(example["answers"], str(example["context"]), "data", locate=False)[0]
 
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        return self.with_column(ds, "answers", {"text": [self.PLACEHOLDER], "answer_start": [-1]})
+
+    def example_from_text(self, text: str, context: str | None = None) -> dict[str, Any]:
+        if not context:
+            raise FtctlError("generative QA answers from a context: pass --context TEXT beside the question --prompt")
+        return {"question": text, "context": context, "answers": {"text": [self.PLACEHOLDER], "answer_start": [-1]}}
+
     def fields(self, example: dict[str, Any]) -> dict[str, str]:
         return {"question": str(example["question"]).strip(), "context": str(example["context"]).strip()}
 

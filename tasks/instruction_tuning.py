@@ -103,16 +103,32 @@ class InstructionTuningTask(GenerationTask):
                     raise FtctlError(f"{split} data: example {i + 1} has an empty response")
         return {}
 
-    def _chat(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+    def _chat(self, messages: list[dict[str, str]], fmt: PromptFormat | None = None) -> tuple[str, str]:
         """Chat data: the conversation before the last reply, rendered by the chat template (or a plain layout)."""
-        if not messages or messages[-1].get("role") != "assistant":
-            raise FtctlError("chat examples must end with the assistant's message (the response to learn)")
-        history, reply = messages[:-1], str(messages[-1].get("content") or "")
-        if self.prompt_format().mode == "chat":
-            text = self.prepared_tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        history, reply = messages[:-1], _reply(messages)
+        fmt = fmt or self.prompt_format()
+        if fmt.mode == "chat":
+            text = fmt.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
             return text, reply
         turns = "".join(f"### {m.get('role', 'user').capitalize()}:\n{m.get('content', '')}\n\n" for m in history)
         return turns + "### Assistant:\n", reply
+
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        form = data_format(ds.column_names) or ("prompt-completion" if "prompt" in ds.column_names else None)
+        if form == "chat":
+            reply = {"role": "assistant", "content": self.PLACEHOLDER}
+
+            def answered(row: dict[str, Any]) -> dict[str, Any]:
+                messages = list(row["messages"] or [])
+                if messages and messages[-1].get("role") == "assistant":
+                    return {"messages": messages}
+                return {"messages": [*messages, reply]}
+
+            return ds.map(answered)
+        return self.with_column(ds, "completion" if form == "prompt-completion" else "output", self.PLACEHOLDER)
+
+    def example_from_text(self, text: str, context: str | None = None) -> dict[str, Any]:
+        return {"instruction": text, "input": context or "", "output": self.PLACEHOLDER}
 
     def fields(self, example: dict[str, Any]) -> dict[str, str]:
         if data_format(list(example)) == "prompt-completion":
@@ -123,9 +139,9 @@ class InstructionTuningTask(GenerationTask):
 
     def prompt_parts(self, example: dict[str, Any], fmt: PromptFormat | None = None) -> tuple[str, str, str]:
         form = data_format(list(example))
-        if form == "chat":
-            return "", self._chat(example["messages"])[0], ""
         fmt = fmt or self.prompt_format()
+        if form == "chat":
+            return "", self._chat(example["messages"], fmt)[0], ""
         if fmt.mode == "chat" or self.opts.prompt_template:
             return fmt.render(self.fields(example), self.shots)
         if form == "prompt-completion":  # the data's own prompt, as written
@@ -139,7 +155,7 @@ class InstructionTuningTask(GenerationTask):
     def target(self, example: dict[str, Any]) -> str:
         form = data_format(list(example))
         if form == "chat":
-            return self._chat(example["messages"])[1].strip()
+            return _reply(example["messages"]).strip()
         return str(example["completion" if form == "prompt-completion" else "output"] or "").strip()
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
@@ -191,3 +207,10 @@ class InstructionTuningTask(GenerationTask):
                 row["generated"] = predictions["samples"][i]
             rows.append(row)
         return rows
+
+
+def _reply(messages: list[dict[str, str]]) -> str:
+    """A chat example's response to learn: its last message, the assistant's."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise FtctlError("chat examples must end with the assistant's message (the response to learn)")
+    return str(messages[-1].get("content") or "")

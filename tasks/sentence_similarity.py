@@ -158,6 +158,11 @@ class SentenceSimilarityTask(Task):
     def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.moment_metrics(totals)
 
+    gold_fields = ("label",)
+
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        return self.with_column(ds, self.cfg.label_column, 0.0)
+
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         first, second = self.cfg.text_column
         column = self.cfg.label_column

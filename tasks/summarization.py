@@ -80,6 +80,12 @@ class SummarizationTask(GenerationTask):
     def fields(self, example: dict[str, Any]) -> dict[str, str]:
         return {"text": str(example[self.cfg.text_column[0]]).strip()}
 
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        return self.with_column(ds, self.cfg.label_column, self.PLACEHOLDER)
+
+    def example_from_text(self, text: str, context: str | None = None) -> dict[str, Any]:
+        return {self.cfg.text_column[0]: text, str(self.cfg.label_column): self.PLACEHOLDER}
+
     def target(self, example: dict[str, Any]) -> str:
         return str(example[self.cfg.label_column]).strip()
 

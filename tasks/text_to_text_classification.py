@@ -10,6 +10,7 @@ Metrics: accuracy and macro-F1 over the classes, like the classification task.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,13 +18,14 @@ import datasets
 import numpy as np
 import torch
 
+from ftctl.errors import FtctlError
 from ftctl.vocab import Family
 from tasks import labels as class_labels
 from tasks import statistics
 from tasks.base import Preset, register_task
 from tasks.classification import ClassificationTask
 from tasks.generation import GenerationOptions, GenerationTask, special_ids
-from tasks.prompts import PromptSpec
+from tasks.prompts import PromptSpec, Shot
 
 SUFFIX = "_t2t"
 INSTRUCTIONS = {  # per preset (without the suffix); the generic task's is PromptSpec.instruction
@@ -83,9 +85,27 @@ class TextToTextClassificationTask(GenerationTask):
 
     def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:
         hint = self.preset.facts.get("label_names")
-        return class_labels.check_label_data(
+        if training and self.cfg.label_column in splits["train"].column_names:  # before the labels are learnt
+            _check_words(class_labels.labels_of(splits["train"], str(self.cfg.label_column), "train data"))
+        state = class_labels.check_label_data(
             self.state, splits, training, self.cfg.text_column, self.cfg.label_column, hint, self.preset_name
         )
+        _check_words(state["label_names"])
+        return state
+
+    gold_fields = ("label", "correct", "generated_correct")
+
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        return self.with_column(ds, self.cfg.label_column, self.state["label_values"][0])
+
+    def example_from_text(self, text: str, context: str | None = None) -> dict[str, Any]:
+        columns = self.cfg.text_column
+        example = {columns[0]: text, str(self.cfg.label_column): self.state["label_values"][0]}
+        if len(columns) > 1:
+            if not context:
+                raise FtctlError(f"this run classifies pairs: pass the second text ({columns[1]}) with --context")
+            example[columns[1]] = context
+        return example
 
     def _words(self) -> list[str]:
         return [str(n) for n in self.state["label_names"]]
@@ -121,6 +141,22 @@ class TextToTextClassificationTask(GenerationTask):
         """Class index of each generated text, -1 when it is not a label word."""
         lookup = {w.strip().lower(): i for i, w in enumerate(self._words())}
         return [lookup.get(t.strip().lower(), -1) for t in texts]
+
+    def few_shot(self, train: datasets.Dataset, k: int, seed: int) -> tuple[Shot, ...]:
+        """K training examples with the classes balanced (round robin over the classes, each class's examples in a
+        seeded order), then shuffled with the same seed: deterministic, and no class left out while K allows."""
+        rng = random.Random(seed)
+        by_class: dict[int, list[int]] = {}
+        for i, example in enumerate(train):
+            by_class.setdefault(self._class(example), []).append(i)
+        queues = [rng.sample(members, len(members)) for _, members in sorted(by_class.items())]
+        picked: list[int] = []
+        while len(picked) < k:
+            for queue in queues:
+                if queue and len(picked) < k:
+                    picked.append(queue.pop())
+        rng.shuffle(picked)
+        return tuple(self._shot(train[i]) for i in picked)
 
     # ---- constrained scoring: each label's answer scored by its likelihood after the prompt ---------------------
     def choices(self) -> list[list[int]]:
@@ -274,3 +310,22 @@ def encoder_decoder_choice_scores(
     kept = labels != -100
     picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return (picked * kept).sum(-1).view(-1, count)
+
+
+def _check_words(labels: Any) -> None:
+    """Label words a model can write and a reader can tell apart: none empty, none equal to another once case and
+    surrounding spaces are dropped (as generated answers are compared)."""
+    words: dict[str, str] = {}
+    for name in dict.fromkeys(str(n) for n in labels):
+        word = name.strip().lower()
+        if not word:
+            raise FtctlError(
+                f"label {name!r} is empty once spaces are dropped: a model cannot write it; name the classes with "
+                "words (e.g. map the labels in the data)"
+            )
+        if word in words:
+            raise FtctlError(
+                f"labels {words[word]!r} and {name!r} are the same word once case and spaces are dropped, so a "
+                "generated answer could not tell them apart; merge or rename them"
+            )
+        words[word] = name

@@ -290,6 +290,14 @@ class TokenClassificationTask(Task):
     def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.entity_metrics(totals)
 
+    gold_fields = ("tags", "correct")
+
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        column = self.cfg.label_column
+        if not column or column in ds.column_names:
+            return ds
+        return ds.add_column(column, [["O"] * len(words) for words in ds[self.token_column]])
+
     def prediction_rows(self, raw: datasets.Dataset, predictions: Any) -> list[dict[str, Any]]:
         rows = []
         for i, (words, tags) in enumerate(zip(raw[self.token_column], self._tags(raw), strict=True)):

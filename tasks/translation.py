@@ -125,6 +125,15 @@ class TranslationTask(GenerationTask):
                     raise FtctlError(f"{split} data: row {i + 1} has an empty {source} or {target} text")
         return {}
 
+    def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
+        target = self.lang("target")
+        if "translation" in ds.column_names:
+            return ds.map(lambda row: {"translation": {target: self.PLACEHOLDER, **(row["translation"] or {})}})
+        return self.with_column(ds, target, self.PLACEHOLDER)
+
+    def example_from_text(self, text: str, context: str | None = None) -> dict[str, Any]:
+        return {"translation": {self.lang("source"): text, self.lang("target"): self.PLACEHOLDER}}
+
     def fields(self, example: dict[str, Any]) -> dict[str, str]:
         source, target = (LANGUAGES.get(c, c) for c in (self.lang("source"), self.lang("target")))
         return {"text": self._pair(example)[0].strip(), "source_lang": source, "target_lang": target}

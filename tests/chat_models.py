@@ -14,6 +14,7 @@ Built here from config objects and the `tokenizers` library: no hub, no download
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tiny import corpus
@@ -106,6 +107,16 @@ LAYOUTS = {
     ),
 }
 CHAT_FAMILIES = tuple(LAYOUTS)
+# the words of the prompts ftctl writes, so that the tiny tokenizers merge them as real ones do (byte by byte, a
+# few-shot prompt would not fit the context)
+PROMPT_WORDS = [
+    "What is the sentiment of this sentence? Answer with one of: negative, positive.",
+    "Classify the text. Answer with one of: negative, positive.",
+    "Summarize the following article.",
+    "Translate English to Romanian.",
+    "Answer the question with a short span from the context.",
+    "Text: Answer: Summary: Context: Question: English: Romanian: You are a helpful assistant. system user assistant",
+]
 
 
 def end_of_turn(family: str) -> str:
@@ -122,18 +133,30 @@ def build_tokenizer(family: str):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                                initial_alphabet=alphabet))  # fmt: skip
-    else:  # SentencePiece-style (Phi-3, Gemma-2)
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
-        tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+        tok.train_from_iterator(corpus() + PROMPT_WORDS * 20, trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, initial_alphabet=alphabet))  # fmt: skip
+    else:  # SentencePiece-style with byte fallback (Phi-3, Gemma-2): a character outside the vocabulary (a newline)
+        # becomes its UTF-8 bytes as <0xNN> tokens, which decode back to it
+        trained = Tokenizer(models.BPE(unk_token="<unk>"))
+        trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")  # no space after special tokens
+        trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials)
+        trained.train_from_iterator(corpus() + PROMPT_WORDS * 20, trainer)
+        saved = json.loads(trained.to_str())["model"]
+        vocab = dict(saved["vocab"])
+        for byte in range(256):
+            vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in saved["merges"]]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+        tok.add_special_tokens(specials)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Sequence(
+            [decoders.Metaspace(prepend_scheme="first"), decoders.ByteFallback(), decoders.Fuse()]
+        )
     if bos:  # the tokenizer adds BOS to every text, as the real ones do
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=256, **attributes)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **attributes)
     tokenizer.chat_template = template
     return tokenizer
 
@@ -150,7 +173,7 @@ def build_model(family: str, tokenizer):
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": 512,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,

@@ -101,8 +101,10 @@ CATALOGUE_METHODS = {
     "full", "freeze", "head", "llrd", "lora", "rslora", "dora", "qlora", "qlora8", "adalora", "ia3", "prompt_tuning",
     "p_tuning", "prefix_tuning", "p_tuning_v2", "adapter",
 }  # fmt: skip
-HELPERS = {"tasks": {"base", "labels", "metrics", "generation"}, "methods": {"base", "matrix", "layers", "bottleneck",
-                                                                            "prefix_cache", "qlora"}}  # fmt: skip
+HELPERS = {
+    "tasks": {"base", "labels", "metrics", "generation", "prompts", "statistics"},
+    "methods": {"base", "matrix", "layers", "bottleneck", "prefix_cache", "qlora"},
+}
 
 
 def test_every_task_and_method_is_registered():

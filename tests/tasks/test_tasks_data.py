@@ -203,13 +203,14 @@ def test_translation_inputs(tmp_path):
 
 def test_instruction_formats(tmp_path):
     task = fitted(task_for("--task", "alpaca"), Family.DECODER, "llama")
+    # prompts depend on the tokenizer (a chat template or not): one without a template gets the Alpaca layout
+    task = task.bind(tokenizer=type("NoTemplate", (), {"chat_template": None})())
     with_input = {"instruction": "Add", "input": "2 and 3", "output": "5"}
     head, body, tail = task.prompt_parts(with_input)
     assert "### Input:\n" in head and body == "2 and 3" and tail.endswith("### Response:\n")
     assert task.target(with_input) == "5"
     assert "### Input" not in "".join(task.prompt_parts({"instruction": "Hi", "input": "", "output": "x"}))
     chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]}
-    task = task.bind(tokenizer=type("NoTemplate", (), {"chat_template": None})())
     assert task.prompt_parts(chat)[1] == "### User:\nhello\n\n### Assistant:\n" and task.target(chat) == "hi there"
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"question": "a", "reply": "b"}) + "\n")
