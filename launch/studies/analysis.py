@@ -154,6 +154,7 @@ def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
                 "seeds": [r["seed"] for r in rows],
                 "metrics": metrics,
                 "before": {m: _mean([(r["before"] or {}).get(m) for r in rows]) for m in task["metrics"]},
+                "few_shot": _few_shot(rows, task["metrics"]),
                 "delta": {m: _mean([r["delta"].get(m) for r in rows]) for m in task["metrics"]},
                 "trainable_params": rows[0]["trainable_params"],
                 "trainable_percent": rows[0]["trainable_percent"],
@@ -187,6 +188,14 @@ def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
             target["indistinguishable"] = comparison["within_noise"]
         out["comparisons"].append(comparison)
     return out
+
+
+def _few_shot(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any] | None:
+    """The K-shot baseline's metrics (the same for every seed of a group where the evaluation data is shared)."""
+    found = [r["few_shot"] for r in rows if r.get("few_shot")]
+    if not found:
+        return None
+    return {"k": found[0]["k"], **{m: _mean([f.get(m) for f in found]) for m in metrics}}
 
 
 def _label(group: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ class Run:
     baseline_dir: Path | None = None  # the run directory whose eval.json holds this run's baseline
     baseline: dict[str, Any] | None = None
     searched: dict[str, Any] | None = None  # the values its grid's search chose for it
+    few_shot: dict[str, Any] | None = None  # the K-shot baseline scored beside the zero-shot one: {k, metrics}
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
@@ -82,6 +83,8 @@ def _run(path: Path, label: str, cell: dict[str, Any] | None = None) -> Run:
     )
     if scored and "baseline" in scored:
         run.baseline_dir, run.baseline = path, scored["baseline"]
+    if scored and isinstance(scored.get("few_shot"), dict):
+        run.few_shot = scored["few_shot"]
     return run
 
 
@@ -112,9 +115,11 @@ def collect(paths: list[str]) -> Collected:
                 run.searched = cell.get("searched")
                 source = cell.get("baseline_cell")
                 if run.baseline is None and source and (grid / source / "eval.json").is_file():
-                    base = _read(grid / source / "eval.json", "evaluation").get("baseline")
-                    if base is not None:
-                        run.baseline_dir, run.baseline = grid / source, base
+                    shared = _read(grid / source / "eval.json", "evaluation")
+                    if shared.get("baseline") is not None:
+                        run.baseline_dir, run.baseline = grid / source, shared["baseline"]
+                    if run.few_shot is None and isinstance(shared.get("few_shot"), dict):
+                        run.few_shot = shared["few_shot"]
                 runs.append(run)
             else:
                 missing.append({"cell": cell["id"], "status": cell.get("status"), "reason": cell.get("error")})
@@ -306,6 +311,7 @@ def _row(run: Run, after: dict[str, float], metrics: list[str]) -> dict[str, Any
         "after_source": "eval.json" if run.scored else "run.json metrics (validation)",
         "before": before,
         "baseline_from": str(run.baseline_dir.resolve()) if run.baseline_dir else None,
+        "few_shot": {"k": run.few_shot["k"], **_scalars(run.few_shot.get("metrics"))} if run.few_shot else None,
         "delta": {m: after[m] - before[m] for m in metrics if before and m in before and m in after},
         "evaluated_on": (run.scored or {}).get("info", {}).get("data") or (rec.get("data") or {}).get("source"),
         "examples": (run.scored or {}).get("info", {}).get("examples"),

@@ -121,7 +121,9 @@ def _interval(summary: dict[str, Any] | None) -> str:
 def headline(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per (model, method): the main metric with its interval, the change from the baseline, the cost."""
     primary = task.get("primary")
+    shots = next((g["few_shot"]["k"] for g in task.get("groups", []) if g.get("few_shot")), None)
     headers = ["", "model", "method", "seeds", f"{primary} [95% CI]", f"{primary} Δ vs before"]
+    headers += [f"{primary} {shots}-shot"] if shots else []
     headers += ["trainable %", "train time (s)", "peak memory (MB)", "device-hours", "searched"]
     body = []
     for group in task.get("groups", []):
@@ -137,6 +139,7 @@ def headline(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 str(len(group["seeds"])),
                 _interval(group["metrics"].get(primary)),
                 _fmt(group["delta"].get(primary), "delta"),
+                *([_fmt((group.get("few_shot") or {}).get(primary), "metric")] if shots else []),
                 _fmt(group["trainable_percent"], "pct"),
                 _fmt(group["train_runtime_s"], "s"),
                 _fmt(group["peak_memory_mb"], "mem"),
@@ -312,6 +315,7 @@ def markdown(report: dict[str, Any]) -> str:
 def html(report: dict[str, Any], folder: Path) -> str:
     """One self-contained page: the plots in `folder` are inlined (data URIs), so the file can be mailed or
     attached as is."""
+
     def code(text: str) -> str:
         return re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", escape(text)))
 

@@ -36,6 +36,7 @@ from launch.studies import search as searching
 from launch.studies.display import Display
 from launch.studies.spec import DONE, EXCLUDED, FAILED, FINAL, INTERRUPTED, REFUSED, TRAINED, Cell, GridSpec
 from tasks import TASKS
+from tasks.base import Prompted
 
 GRID_FILE = "grid.json"
 
@@ -256,6 +257,7 @@ class Runner:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "counts": counts,
             "baseline": self.spec.baseline,
+            "few_shot": self.spec.few_shot,
             "baselines": self.baselines,
             "search": {
                 s.key: self.search_records.get(s.key) or {"space": s.space, "metric": s.metric, "trials": []}
@@ -284,7 +286,9 @@ class Runner:
                     "attempts": c.attempts,
                     "seconds": c.seconds,
                     "baseline_key": c.baseline_key,
-                    "baseline_cell": self.baselines.get(c.baseline_key) if self.spec.baseline else None,
+                    "baseline_cell": self.baselines.get(c.baseline_key)
+                    if self.spec.baseline or self.spec.few_shot
+                    else None,
                     "summary": c.summary,
                     "searched": c.searched or None,
                     "options": c.values,
@@ -317,10 +321,15 @@ class Runner:
         return [sys.executable, "-m", "launch.train", *argv]
 
     def evaluate_args(self, cell: Cell) -> list[str]:
-        """`ftctl evaluate` arguments for the cell: the first of a (model, task) pair also scores the baseline."""
+        """`ftctl evaluate` arguments for the cell: the first of a (model, task) pair also scores the baseline (and
+        the few-shot one, where the grid asks for it and the task is prompted)."""
         args = [str(self.dir / cell.id)]
-        if self.spec.baseline and cell.baseline_key not in self.baselines:
-            args.append("--baseline")
+        if (self.spec.baseline or self.spec.few_shot) and cell.baseline_key not in self.baselines:
+            args += ["--baseline"] if self.spec.baseline else []
+            if self.spec.few_shot and isinstance(
+                TASKS.get(cell.task.name).cls.__new__(TASKS.get(cell.task.name).cls), Prompted
+            ):
+                args += ["--few-shot", str(self.spec.few_shot)]
         return args
 
     def _evaluate(self, cell: Cell, args: list[str]) -> int:
@@ -407,7 +416,7 @@ class Runner:
         if code or not (self.dir / cell.id / "eval.json").is_file():
             self._failed(cell, "evaluate", code, clock)
             return
-        if "--baseline" in args:
+        if "--baseline" in args or "--few-shot" in args:
             self.baselines[cell.baseline_key] = cell.id
         cell.status, cell.stage, cell.seconds = DONE, None, time.time() - clock
         cell.summary = self._summary(cell)

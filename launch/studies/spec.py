@@ -95,12 +95,13 @@ class GridSpec:
     seeds: list[AxisValue]
     layers: list[Layer]  # settings, then each axis value's options, then overrides, in the order they apply
     exclude: list[dict[str, list[str]]]
-    baseline: bool
+    baseline: bool  # score the zero-shot (or untrained-head) baseline once per (model, task, evaluation data)
     launcher: dict[str, Any]
     # options searched per (model, task, method) before the final runs: option -> values, or "auto" (learning rate:
     # a range around the cell's default); `search_settings` are options for the search trials only
     search: dict[str, Any] = dataclasses.field(default_factory=dict)
     search_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    few_shot: int | None = None  # and the K-shot baseline of prompted tasks beside it
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -229,6 +230,13 @@ class Launcher(_Strict):
     rendezvous_timeout: int | None = None
 
 
+class Baseline(_Strict):
+    """`baseline: {zero_shot: true, few_shot: 4}`: the baselines each (model, task) is scored with."""
+
+    zero_shot: bool = True
+    few_shot: int | None = Field(default=None, ge=1)
+
+
 class GridFile(_Strict):
     """The grid file's shape. Axis entries and option values are checked against the registries and `ftctl train`'s
     options by `load_spec`, with the same messages as `ftctl train --config`."""
@@ -242,7 +250,7 @@ class GridFile(_Strict):
     settings: dict[str, Any] | None = None
     overrides: list[Override] | None = None
     exclude: list[dict[str, Any]] | None = None
-    baseline: bool = True
+    baseline: bool | Baseline = True
     launcher: Launcher | None = None
     search: str | dict[str, Any] | None = None
 
@@ -251,7 +259,7 @@ MESSAGES = {  # (first field of the error's location) -> what it must be, as ftc
     "seeds": "`seeds:` must be a list of integers",
     "overrides": "`overrides:` entries must have `match:` (axis: label(s)) and `set:` (option: value)",
     "exclude": "`exclude:` must be a list of matches (axis: label(s))",
-    "baseline": "`baseline:` must be true or false",
+    "baseline": "`baseline:` must be true, false or a mapping {zero_shot: true|false, few_shot: K}",
     "output_dir": "`output_dir:` must be a path",
     "launcher": "launcher: must be a mapping of accelerate_config, num_processes, rendezvous_timeout",
     "settings": "settings: must be a mapping of option: value",
@@ -319,7 +327,8 @@ def load_spec(path: str) -> GridSpec:
         seeds=axes["seed"],
         layers=layers,
         exclude=exclude,
-        baseline=parsed.baseline,
+        baseline=parsed.baseline if isinstance(parsed.baseline, bool) else parsed.baseline.zero_shot,
+        few_shot=None if isinstance(parsed.baseline, bool) else parsed.baseline.few_shot,
         launcher=launcher,
         search=search,
         search_settings=search_settings,

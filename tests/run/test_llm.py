@@ -202,3 +202,27 @@ def test_the_cli_verbs(train, tmp_path):
     again = cli("ftctl", "predict", str(run), "--data", str(inputs), "--output", str(tmp_path / "p.jsonl"))
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
     assert cli("ftctl", "generate", "--help").returncode == 0
+
+
+def test_a_grid_scores_zero_and_few_shot_baselines_and_the_report_shows_them(llama3, files, tmp_path):
+    import yaml
+
+    from launch.studies import grid, report
+
+    spec = tmp_path / "g.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "llm", "models": {"llama3": str(llama3)},
+        "tasks": {"sst2_t2t": dict(zip(("train_file", "validation_file"), files["sst2"][1:4:2], strict=True))},
+        "methods": ["lora"], "baseline": {"zero_shot": True, "few_shot": 2},
+        "settings": {"max_steps": 2, "batch_size": 8, "report_to": "none", "max_eval_samples": 8},
+    }))  # fmt: skip
+    state = grid.main([str(spec), "--output-dir", str(tmp_path / "grid")])
+    scored = json.loads((tmp_path / "grid" / state["cells"][0]["id"] / "eval.json").read_text())
+    assert scored["baseline_kind"].startswith("zero-shot") and scored["few_shot"]["k"] == 2
+    built = report.build([str(tmp_path / "grid")], tmp_path / "report")
+    group = built["tasks"][0]["groups"][0]
+    assert group["few_shot"]["accuracy"] == scored["few_shot"]["metrics"]["accuracy"]
+    assert "| accuracy 2-shot |" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(FtctlError, match="`baseline:` must be true, false or a mapping"):
+        spec.write_text(spec.read_text().replace("few_shot: 2", "few_shot: many"))
+        grid.main([str(spec), "--output-dir", str(tmp_path / "other")])
