@@ -138,6 +138,14 @@ def test_predict_reproduces_evaluate(models, llama3, files, tmp_path, name, task
         first = json.loads(Path(data).read_text().splitlines()[0])
         generated = generate([str(run), "--prompt", first["document"]])
         assert generated[0]["prediction"] == rows[0]["prediction"]
+        import io
+        import sys
+
+        sys.stdin = io.StringIO(first["document"] + "\n\n")  # `-`: one prompt per line of stdin, blank lines skipped
+        try:
+            assert [r["prediction"] for r in generate([str(run), "--prompt", "-"])] == [rows[0]["prediction"]]
+        finally:
+            sys.stdin = sys.__stdin__
 
 
 def test_predict_accepts_inputs_without_answers(train, data, tmp_path):
