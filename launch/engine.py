@@ -26,7 +26,6 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
 
 from ftctl.config import RunConfig
 from ftctl.errors import FtctlError
@@ -36,8 +35,7 @@ from launch.progress import EVENTS_FILE, EventLog, RichProgress
 from launch.reliability import (
     EpochSeededLengthGroupedSampler,
     GracefulStop,
-    TrainingDiverged,
-    agree,
+    StepHealth,
     write_checkpoint_atomically,
 )
 from methods.base import Method
@@ -186,7 +184,11 @@ def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: Laun
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         length_column_name="length",
         dataloader_num_workers=cfg.dataloader_workers,
-        include_num_input_tokens_seen="non_padding",
+        # ftctl counts tokens itself, on the device (FtctlTrainer.training_step); the Trainer's own count gathers
+        # and reads a number across processes at every micro-step, and its NaN filter reads the loss at every
+        # micro-step: host syncs the GPU step does without (launch/reliability.py watches non-finite losses)
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
         use_cpu=not torch.cuda.is_available(),  # without it, CPU processes of one launch would each train alone
         torch_compile=cfg.compile,
         use_liger_kernel=use_liger(cfg),
@@ -256,11 +258,16 @@ class FtctlTrainer(Trainer):
         self.train_collator = train_collator
         self._scored: Any = None
         self._generating = False
-        self._tokens = [0, 0]  # (token slots computed, real tokens) in this process's training batches
+        # token slots computed (a Python count: shapes are known on the host) and real tokens (summed on the device:
+        # no host sync per step) in this process's training batches
+        self._token_slots = 0
+        self._real_tokens: torch.Tensor | int = 0
         self.eval_seconds = 0.0  # time spent in evaluations (during training: not training time)
         kwargs.update(compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce)
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
+        stop = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, GracefulStop)), None)
+        self.health = stop.health if stop is not None else StepHealth()
         if not task.fit.loss_counts_items:
             # transformers assumes any model whose forward takes **kwargs divides its loss by the number of label
             # items it is given; heads that average per micro-batch (classification, regression, QA, most token
@@ -310,7 +317,8 @@ class FtctlTrainer(Trainer):
     def token_counts(self) -> dict[str, Any]:
         """Input token slots computed in training (padding included), real tokens, and the padding fraction, summed
         over all processes."""
-        counts = torch.tensor(self._tokens, dtype=torch.float64, device=self.args.device)
+        real = float(self._real_tokens.item()) if isinstance(self._real_tokens, torch.Tensor) else self._real_tokens
+        counts = torch.tensor([self._token_slots, real], dtype=torch.float64, device=self.args.device)
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         slots, real = (int(v) for v in counts.tolist())
@@ -396,19 +404,13 @@ class FtctlTrainer(Trainer):
         write_checkpoint_atomically(self, save_into, run_dir)
 
     def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """The stock step, plus what ftctl watches, all on the device (no host sync: launch/reliability.py)."""
         ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if ids is not None:
-            self._tokens[0] += ids.numel()
-            self._tokens[1] += int(mask.sum()) if mask is not None else ids.numel()
+            self._token_slots += ids.numel()
+            self._real_tokens = self._real_tokens + (mask.sum() if mask is not None else ids.numel())
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if agree(not bool(torch.isfinite(loss.detach()).all()), self.args):
-            out = str(self.args.output_dir)
-            last = get_last_checkpoint(out) if os.path.isdir(out) else None
-            raise TrainingDiverged(
-                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; training stopped and "
-                f"no later checkpoint was written (last good one: {last or 'none'}). Lower --learning-rate, or use "
-                "--precision bf16/fp32 instead of fp16"
-            )
+        self.health.record(loss, self.state.global_step + 1)  # checked by GracefulStop at the next checked step
         return loss
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:

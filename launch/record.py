@@ -249,7 +249,7 @@ def cost(facts: Facts, clock: Clock) -> dict[str, Any]:
     training = max(clock.train_loop_s - evaluating, 1e-9)
     metrics = facts.result.metrics
     samples = (metrics.get("train_samples_per_second") or 0.0) * (metrics.get("train_runtime") or 0.0)
-    tokens = facts.trainer.state.num_input_tokens_seen or 0
+    tokens = facts.tokens.get("train_real_tokens") or 0  # counted on the device by ftctl: this session's tokens
     return {
         "train_runtime_s": training,
         "eval_runtime_s": evaluating + clock.scoring_s,

@@ -129,7 +129,8 @@ def test_training_diverged_stops_with_the_step_and_last_checkpoint(train, monkey
         return loss
 
     monkeypatch.setattr(FtctlTrainer, "compute_loss", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"became nan at step 14;.*last good one: .*checkpoint-12"):
+    # seen at the next checked step (16: logging every 4), before the checkpoint of step 18 would be written
+    with pytest.raises(TrainingDiverged, match=r"became non-finite .* at step 14;.*last good one: .*checkpoint-12"):
         train("--save-every", "6", "--max-steps", "40", "--no-eval-on-start", name="nan")
     out = tmp_path / "nan"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12"]  # none after the divergence
