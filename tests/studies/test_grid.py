@@ -97,7 +97,9 @@ def test_a_failed_cell_is_recorded_and_the_rerun_runs_only_it(models, data, tmp_
         row = rows[method]
         assert row["trainable_params"] == record["trainable_params"]
         assert row["peak_memory_mb"] == record["peak_memory_mb"]
-        assert row["after"] == {k: v for k, v in scored.items() if k not in ("details", "info", "baseline")}
+        assert row["after"] == {
+            k: v for k, v in scored.items() if k not in ("details", "info", "baseline", "baseline_kind", "few_shot")
+        }
         assert row["before"] == {k: v for k, v in baseline.items() if k != "details"}
         assert scored["info"]["data"].endswith("(test)")  # scored on the test split, as `ftctl evaluate` does
     assert (out / "report" / "sst2_matrix.png").read_bytes()[:4] == b"\x89PNG"
