@@ -107,7 +107,7 @@ def check_precision(cfg: Any, model_config: PretrainedConfig) -> None:
     if cfg.precision == "fp16" and model_config.model_type in FP16_UNSAFE:
         raise FtctlError(
             f"--precision fp16 overflows to NaN in {model_config.model_type} models (a known issue); use "
-            "--precision bf16 (or fp32)"
+            "--precision fp32, or bf16 on a GPU that has it (Ampere or newer)"
         )
 
 

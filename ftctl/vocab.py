@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from enum import Enum
 
+# how a decoder language-model task computes its loss (launch/lm_loss.py)
+LOSS_KERNELS = ("auto", "fused", "chunked", "plain")
+
 
 class Family(str, Enum):
     """How a backbone reads and writes text."""

@@ -27,10 +27,13 @@ from transformers import (
 from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from ftctl import device
 from ftctl.config import RunConfig
 from ftctl.errors import FtctlError
 from ftctl.facts import LaunchFacts
-from launch import configs
+from ftctl.models import FP16_UNSAFE
+from ftctl.vocab import Family
+from launch import configs, lm_loss
 from launch.progress import EVENTS_FILE, EventLog, RichProgress
 from launch.reliability import (
     EpochSeededLengthGroupedSampler,
@@ -89,29 +92,33 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def auto_precision(launch: LaunchFacts) -> str:
+def auto_precision(launch: LaunchFacts, model_type: str | None = None) -> str:
     """What `--precision auto` means on this machine for this run.
 
-    CUDA: bf16 where the GPU supports it. CPU: bf16 autocast on CPUs with native bf16 and without DeepSpeed, measured
-    faster at the same accuracy there (bench/RESULTS.md, perf_cpu: LoRA 1.2x, full fine-tuning 1.3x the fp32
+    CUDA: bf16 where the GPU supports it; on GPUs without bf16 (T4, V100) fp16 with loss scaling, except for the
+    model types fp16 overflows in (T5: fp32). CPU: bf16 autocast on CPUs with native bf16 and without DeepSpeed,
+    measured faster at the same accuracy there (bench/RESULTS.md, perf_cpu: LoRA 1.2x, full fine-tuning 1.3x the fp32
     samples/s on SST-2, equal dev accuracy); fp32 everywhere else. FTCTL_CPU_BF16=0 keeps the CPU at fp32 (the test
     suite does, so that its exact comparisons mean the same on every machine).
     """
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    bf16 = device.cuda_bf16()
+    if bf16 is not None:
+        if bf16:
+            return "bf16"
+        return "fp32" if model_type in FP16_UNSAFE else "fp16"
     wanted = os.environ.get("FTCTL_CPU_BF16", "1") != "0"
     if wanted and not launch.deepspeed and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
 
 
-def precision_flags(cfg: RunConfig, launch: LaunchFacts) -> dict[str, bool]:
-    cuda = torch.cuda.is_available()
-    precision = auto_precision(launch) if cfg.precision == "auto" else cfg.precision
-    if precision == "fp16" and not cuda:
+def precision_flags(cfg: RunConfig, launch: LaunchFacts, model_type: str | None = None) -> dict[str, bool]:
+    bf16 = device.cuda_bf16()
+    precision = auto_precision(launch, model_type) if cfg.precision == "auto" else cfg.precision
+    if precision == "fp16" and bf16 is None:
         raise FtctlError("--precision fp16 needs a CUDA GPU; on CPU use fp32 or bf16")
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise FtctlError("this GPU does not support bf16; use --precision fp16 or fp32")
+    if precision == "bf16" and bf16 is False:
+        raise FtctlError("this GPU does not support bf16; use --precision fp16 (what auto picks here) or fp32")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -163,7 +170,7 @@ def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: Laun
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        **precision_flags(cfg, launch),
+        **precision_flags(cfg, launch, task.fit.model_type),
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         eval_strategy=cfg.eval_strategy,
@@ -266,6 +273,12 @@ class FtctlTrainer(Trainer):
         kwargs.update(compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce)
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
+        self.loss_choice = lm_loss.choose(
+            str(getattr(task.opts, "loss_kernel", "plain")),
+            task.fit.loss_counts_items and task.fit.family == Family.DECODER,
+            method.plain_loss_reason(),
+            torch.cuda.is_available(),
+        )
         stop = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, GracefulStop)), None)
         self.health = stop.health if stop is not None else StepHealth()
         if not task.fit.loss_counts_items:
@@ -328,9 +341,22 @@ class FtctlTrainer(Trainer):
             "padding_fraction": 1 - real / slots if slots else None,
         }
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
         inputs = {k: v for k, v in inputs.items() if not k.startswith(GENERATION_PREFIX)}
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        if self.loss_choice.kernel == "plain" or not model.training or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        loss = lm_loss.causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_choice.kernel)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as the stock compute_loss: the token count is the whole step's, gradients are averaged over processes
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def prediction_step(
         self,

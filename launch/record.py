@@ -240,6 +240,11 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
         "metric_details": scores.details,
         "test_metrics": scores.test_metrics,
         **facts.tokens,
+        "loss_kernel": {
+            "requested": getattr(facts.run.task.opts, "loss_kernel", None),
+            "used": facts.trainer.loss_choice.kernel,
+            "why": facts.trainer.loss_choice.why,
+        },
     }
 
 

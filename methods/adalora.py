@@ -110,6 +110,9 @@ class AdaLora(PeftMethod):
         self.model: torch.nn.Module = None
         self.plan: dict[str, int] = {}
 
+    def plain_loss_reason(self) -> str | None:
+        return "AdaLoRA adds its orthogonality penalty to the model's own loss"
+
     def peft_config(self, model: torch.nn.Module, task: Task, ctx: Context) -> Any:
         from peft import AdaLoraConfig  # deferred: a heavy import (seconds), paid only by the runs that use it
 

@@ -68,6 +68,10 @@ class Method:
         self.variant = variant
         self.settings = settings
 
+    def plain_loss_reason(self) -> str | None:
+        """Why this method needs the model's own loss (not launch/lm_loss.py's lean one), or None."""
+        return None
+
     @property
     def summary(self) -> str:
         """What this variant is, in a line (a variant may describe itself: qlora)."""

@@ -128,6 +128,11 @@ class SoftPrompt(PeftMethod):
     def has_encoder(self) -> bool:
         return self.settings["kind"] == ENCODER or self.settings.get("projection", False)
 
+    def plain_loss_reason(self) -> str | None:
+        if self.variant in INPUT_PROMPTS:
+            return f"{self.variant} prepends virtual tokens, which the model's own loss accounts for"
+        return None
+
     def check(self, ctx: Context) -> None:
         super().check(ctx)
         cfg, kind = ctx.cfg, self.settings["kind"]

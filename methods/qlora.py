@@ -23,6 +23,7 @@ import transformers
 from transformers import BitsAndBytesConfig
 from transformers.quantizers.base import get_keys_to_not_convert
 
+from ftctl import device
 from ftctl.models import load_config
 from methods.matrix import Refusal
 from tasks.base import Task
@@ -70,9 +71,8 @@ def unpacked(model: torch.nn.Module) -> Any:
 
 
 def compute_dtype() -> Any:
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    """QLoRA computes in bf16, or in fp16 on GPUs without bf16 (as `--precision auto` trains there)."""
+    return torch.float16 if device.cuda_bf16() is False else torch.bfloat16
 
 
 def kept_full_precision(task: Task, model_config: PretrainedConfig) -> list[str]:

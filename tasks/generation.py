@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
-from ftctl.vocab import Family, TaskKind
+from ftctl.vocab import LOSS_KERNELS, Family, TaskKind
 from tasks.base import ModelFit, Task, fresh_modules
 from tasks.prompts import CHAT_CHOICES, PromptFormat, PromptSpec, Shot, check_template, read_template
 
@@ -55,6 +55,13 @@ class GenerationOptions:
         "auto",
         "decoders: render prompts with the tokenizer's chat template (auto: when it has one)",
         choices=CHAT_CHOICES,
+    )
+    loss_kernel: str = option(
+        "auto",
+        "decoders: the loss without full-vocabulary logits for every position (chunked: logits at labelled "
+        "positions only, a chunk at a time; fused: Liger Kernel on CUDA; plain: the model's own; auto: fused where "
+        "it runs, else chunked)",
+        choices=LOSS_KERNELS,
     )
 
     def validate(self) -> None:

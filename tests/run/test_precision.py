@@ -127,3 +127,49 @@ def test_which_methods_store_frozen_weights_in_bf16():
     # DoRA normalizes base + update outside autocast; full-model methods save the frozen weights they hold
     for name in ("dora", "full", "freeze", "head", "llrd"):
         assert not flag(name), name
+
+
+@pytest.mark.parametrize(
+    "bf16,model_type,expected",
+    [(True, "llama", "bf16"), (False, "llama", "fp16"), (False, "bert", "fp16"), (False, "t5", "fp32")],
+)
+def test_auto_precision_on_gpus_with_and_without_bf16(monkeypatch, bf16, model_type, expected):
+    """The GPU's bf16 support is read in one place (ftctl.device.cuda_bf16), replaced here by a stand-in GPU: auto is
+    bf16 where it exists, else fp16 with loss scaling, except on T5-family models (fp16 overflows there)."""
+    from ftctl import device
+    from ftctl.facts import LaunchFacts
+
+    monkeypatch.setattr(device, "cuda_bf16", lambda: bf16)
+    assert engine.auto_precision(LaunchFacts(), model_type) == expected
+    cfg = resolve(["--task", "sst2"], prog="test").cfg
+    flags = engine.precision_flags(cfg, LaunchFacts(), model_type)
+    assert flags == {"bf16": expected == "bf16", "fp16": expected == "fp16"}
+
+
+def test_qlora_computes_in_the_precision_the_gpu_has(monkeypatch):
+    import torch as torch_
+
+    from ftctl import device
+    from methods import qlora
+
+    monkeypatch.setattr(device, "cuda_bf16", lambda: False)
+    assert qlora.compute_dtype() == torch_.float16
+    monkeypatch.setattr(device, "cuda_bf16", lambda: True)
+    assert qlora.compute_dtype() == torch_.bfloat16
+
+
+def test_bf16_on_a_gpu_without_it_and_fp16_on_t5_are_refused(monkeypatch, models):
+    from transformers import AutoConfig
+
+    from ftctl import device
+    from ftctl.errors import FtctlError
+    from ftctl.facts import LaunchFacts
+    from ftctl.models import check_precision
+
+    monkeypatch.setattr(device, "cuda_bf16", lambda: False)
+    cfg = resolve(["--task", "sst2", "--precision", "bf16"], prog="test").cfg
+    with pytest.raises(FtctlError, match="this GPU does not support bf16; use --precision fp16"):
+        engine.precision_flags(cfg, LaunchFacts())
+    fp16 = resolve(["--task", "sst2", "--precision", "fp16"], prog="test").cfg
+    with pytest.raises(FtctlError, match="use --precision fp32, or bf16 on a GPU that has it"):
+        check_precision(fp16, AutoConfig.from_pretrained(models["t5"]))
