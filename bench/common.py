@@ -54,11 +54,15 @@ def ftctl() -> str:
     return str(Path(sys.executable).parent / "ftctl")
 
 
-def save(name: str, payload: dict, markdown: str) -> None:
+def save(name: str, payload: dict, markdown: str, history: bool = True) -> None:
+    """bench/results/<name>.{json,md}, and (unless `history` is off: a check, not a measurement) an entry at the
+    top of bench/RESULTS.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
+    if not history:
+        return
     history = REPO / "bench" / "RESULTS.md"
     previous = (
         history.read_text()

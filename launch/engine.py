@@ -352,7 +352,9 @@ class FtctlTrainer(Trainer):
         if self.loss_choice.kernel == "plain" or not model.training or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
-        loss = lm_loss.causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_choice.kernel)
+        loss = lm_loss.causal_lm_loss(
+            model, inputs, labels, num_items_in_batch, self.loss_choice.kernel, autocast=self.accelerator.autocast
+        )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # as the stock compute_loss: the token count is the whole step's, gradients are averaged over processes
             loss = loss * self.accelerator.num_processes

@@ -21,6 +21,8 @@ equal the stock loss's (tests/run/test_lm_loss.py).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +93,11 @@ def causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None,
     kernel: str = "chunked",
     chunk: int = CHUNK,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> torch.Tensor:
-    """The causal-LM loss of `labels` (token t predicts t + 1; -100 ignored), without full-vocabulary logits."""
+    """The causal-LM loss of `labels` (token t predicts t + 1; -100 ignored), without full-vocabulary logits.
+    `autocast`: the mixed-precision context the model's forward runs in (accelerate wraps the forward alone in it;
+    the output layer is called here, and must compute in the same precision as it would inside the forward)."""
     decoder, head, config = _parts(model)
     captured: dict[str, torch.Tensor] = {}
 
@@ -109,13 +114,14 @@ def causal_lm_loss(
     mask = shifted != -100
     states, targets = hidden[:, :-1][mask], shifted[mask]
     softcap = getattr(config, "final_logit_softcapping", None)
-    if kernel == "fused":
-        total = _fused(head, states, targets, softcap)
-    else:
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.shape[0], chunk):
-            part = slice(start, start + chunk)
-            total = total + checkpoint(_chunk_loss, head, states[part], targets[part], softcap, use_reentrant=False)
+    with autocast():  # checkpoint records it and recomputes each chunk in it during the backward pass
+        if kernel == "fused":
+            total = _fused(head, states, targets, softcap)
+        else:
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, targets.shape[0], chunk):
+                part = slice(start, start + chunk)
+                total = total + checkpoint(_chunk_loss, head, states[part], targets[part], softcap, use_reentrant=False)
     if num_items_in_batch is None:  # a mean over the labelled positions, as cross_entropy's "mean"
         return total / targets.shape[0] if targets.shape[0] else total
     count = num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch

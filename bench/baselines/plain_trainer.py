@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer's bf16=True)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--targets", nargs="+", default=None, help="LoRA target modules (default: attention q/v)")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--output-dir", required=True)
     args = parser.parse_args()
 
@@ -199,7 +201,10 @@ def main() -> None:
             model.config.model_type, ["query", "value"]
         )
         model = get_peft_model(
-            model, LoraConfig(task_type=task_type, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=targets)
+            model,
+            LoraConfig(
+                task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.1, target_modules=targets
+            ),
         )
     counting = Counting(collator)
     training_args = TrainingArguments(
