@@ -17,6 +17,7 @@ model's input there. Generation settings: `--num-beams`, `--max-new-tokens`, `--
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from ftctl import device
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import LOSS_KERNELS, Family, TaskKind
@@ -133,6 +135,16 @@ class PackingCollator:
             "position_ids": torch.tensor([positions], dtype=torch.long),
             "use_cache": False,
         }
+
+
+def varlen_attention() -> str | None:
+    """The attention that runs packed sequences without padding or a mask: FlashAttention-2's variable-length
+    kernels (transformers' `flash_attention_2`, given the sequence boundaries from the packed `position_ids`), on a
+    CUDA GPU with flash-attn installed. None elsewhere: then transformers' default attention runs the packed row
+    with a block-diagonal mask (exact, and what the CPU tests compare with padded batches)."""
+    if device.cuda_bf16() is None or importlib.util.find_spec("flash_attn") is None:
+        return None
+    return "flash_attention_2"
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -289,6 +301,9 @@ class GenerationTask(Task):
 
     def build_model(self, ref: str, tokenizer: PreTrainedTokenizerBase, load_kwargs: dict[str, Any]) -> torch.nn.Module:
         auto = AutoModelForCausalLM if self.decoder else AutoModelForSeq2SeqLM
+        attention = varlen_attention() if self.packs else None
+        if attention and "attn_implementation" not in load_kwargs:
+            load_kwargs = {**load_kwargs, "attn_implementation": attention}
         model = self.load_pretrained(auto, ref, **load_kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id

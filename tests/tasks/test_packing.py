@@ -107,3 +107,42 @@ def test_packing_refusals(models, tmp_path):
     with pytest.raises(FtctlError, match="prompt_tuning adds virtual tokens .* drop --packing"):
         setup([*base, "--method", "prompt_tuning", "--model", str(models["gpt2"])])
     assert not (tmp_path / "x").exists()
+
+
+def test_packing_takes_variable_length_attention_on_cuda_with_flash_attn(models, monkeypatch):
+    """On a CUDA GPU with flash-attn, packed training loads FlashAttention-2 (variable-length kernels, no mask, no
+    padding); anywhere else the default attention with its block-diagonal mask (compared with padding above)."""
+    import importlib.util
+
+    from ftctl import device
+    from launch.config import resolve_values
+    from tasks import generation
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(device, "cuda_bf16", lambda: True)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find(name)
+    )
+    assert generation.varlen_attention() == "flash_attention_2"
+    task = resolve_values({"task": "instruction", "model": str(models["llama"]), "packing": True}).task
+    task = task.bind(fit=task.check_model(__import__("transformers").AutoConfig.from_pretrained(models["llama"]),
+                                          generation.Family.DECODER))  # fmt: skip
+    seen = {}
+    monkeypatch.setattr(type(task), "load_pretrained", lambda self, auto, ref, **kw: seen.update(kw) or _Stub())
+    task.build_model(str(models["llama"]), _Stub(), {})
+    assert seen["attn_implementation"] == "flash_attention_2"
+    monkeypatch.setattr(device, "cuda_bf16", lambda: None)  # no GPU: the default attention
+    assert generation.varlen_attention() is None
+    monkeypatch.setattr(device, "cuda_bf16", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real_find(name))
+    assert generation.varlen_attention() is None  # a GPU without flash-attn
+
+
+class _Stub:
+    """Stands in for a loaded model and a tokenizer in the attention check (no weights needed)."""
+
+    pad_token_id = 0
+
+    def __init__(self):
+        self.config = type("Config", (), {"pad_token_id": 0})()
+        self.generation_config = type("GenerationConfig", (), {"pad_token_id": 0})()
