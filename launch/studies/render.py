@@ -206,6 +206,20 @@ def flips(task: dict[str, Any]) -> tuple[tuple[list[str], list[list[str]]], tupl
     )
 
 
+def disagreement_examples(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """A few examples the best method gets right and another wrong, and the reverse."""
+    body = []
+    for c in task.get("comparisons", []):
+        flips = c.get("flips") or {}
+        for key, who in (("fixed_shown", f"only {c['a']} right"), ("broken_shown", f"only {c['b']} right")):
+            for example in flips.get(key, []):
+                body.append(
+                    [f"{c['a']} vs {c['b']}", who, str(example["input"])[:120], str(example["gold"])[:60],
+                     str(example["prediction"])[:60], str(example["before"])[:60]]
+                )  # fmt: skip
+    return ["comparison", "who is right", "input", "gold", "best's answer", "other's answer"], body
+
+
 PLOTS = (
     ("pareto", "the main metric against cost (trainable parameters, training time, peak memory); the line joins the "
      "results no other beats on both metric and cost"),
@@ -237,6 +251,10 @@ def _task_sections(task: dict[str, Any]) -> list[tuple[str, Any]]:
     if task.get("comparisons"):
         out.append(("h3", "Paired comparisons with the best"))
         out.append(("table", comparisons(task)))
+        disagreements = disagreement_examples(task)
+        if disagreements[1]:
+            out.append(("text", "Where they disagree (first paired seed; a few of each):"))
+            out.append(("table", disagreements))
     flipped = flips(task)
     if flipped:
         out.append(("h3", "Flips against the baseline"))

@@ -89,6 +89,8 @@ def test_seeds_intervals_best_and_paired_comparisons(study, tmp_path):
     headline = md.split("### Paired comparisons")[0]
     assert f"| ★ | tiny-model | {best} | 3 |" in headline and f"| ≈ | tiny-model | {near} | 3 |" in headline
     assert "| within noise |" in md and "| difference |" in md
+    assert f"| only org/tiny-model / {best} right |" not in md and "Where they disagree" in md
+    assert md.count("right |") >= 4  # a few examples each way, for each comparison
     written = json.loads((tmp_path / "report" / "report.json").read_text())
     assert written["tasks"][0]["groups"][0]["metrics"]["accuracy"]["mean"] == pytest.approx(
         np.mean(truth[written["tasks"][0]["groups"][0]["method"]]), abs=0, rel=1e-15
