@@ -75,17 +75,8 @@ def rows_for(shape: str, method: str, sequence: int, steps: int, extra: list[str
         "--num-samples", "0", "--report-to", "none", "--overwrite", *lora, *extra,
     ]  # fmt: skip
 
-    def with_mfu(read: Any) -> Any:
-        def wrapped(log: Path, wall: float) -> dict[str, Any]:
-            measured = read(log, wall)
-            tokens = measured.get("real_tokens_per_second") or 0
-            measured.update(mfu=6 * params * tokens / flops, params=params, peak_flops=flops)
-            return measured
-
-        return wrapped
-
     rows = [perf.Row(f"ftctl {' '.join(extra)}".strip(), "ftctl", [*train, "--output-dir", str(out)],
-                     with_mfu(perf.ftctl_reader(out, "perplexity", split="metrics")))]  # fmt: skip
+                     perf.with_mfu(perf.ftctl_reader(out, "perplexity", split="metrics"), params, flops))]  # fmt: skip
     if plain:
         baseline = [
             perf.PY, "-m", "bench.baselines.plain_trainer", "--job", "sft", "--method", method, "--model",
@@ -96,7 +87,7 @@ def rows_for(shape: str, method: str, sequence: int, steps: int, extra: list[str
                                      if method != "full" else []),
         ]  # fmt: skip
         rows.append(perf.Row("plain (b): Trainer + peft, dynamic padding + group_by_length", "baseline_b", baseline,
-                             with_mfu(perf.baseline_reader("eval_loss"))))  # fmt: skip
+                             perf.with_mfu(perf.baseline_reader("eval_loss"), params, flops)))  # fmt: skip
     return rows
 
 

@@ -401,6 +401,20 @@ def peak_bf16_flops() -> float:
     return 2 * n**3 / best
 
 
+def with_mfu(
+    read: Callable[[Path, float], dict[str, Any]], params: int, flops: float
+) -> Callable[[Path, float], dict[str, Any]]:
+    """A reader that adds the model FLOPs utilisation: 6 x parameters x tokens/s over the measured matmul rate."""
+
+    def wrapped(log: Path, wall: float) -> dict[str, Any]:
+        measured = read(log, wall)
+        tokens = measured.get("real_tokens_per_second") or 0
+        measured.update(mfu=6 * params * tokens / flops, params=params, peak_flops=flops)
+        return measured
+
+    return wrapped
+
+
 def gpu_scenario(shape: str, method: str) -> Callable[[], list[Row]]:
     """ftctl and the plain Trainer (b) on the same random-weight model and data: bf16, micro-batch 1, sequence 2,048,
     gradient checkpointing, LoRA on q_proj/v_proj r=8 (both sides), GPU_STEPS steps. (a) is not run: every
@@ -428,19 +442,10 @@ def gpu_scenario(shape: str, method: str) -> Callable[[], list[Row]]:
             "--group-by-length", "--lr", "1e-4", "--output-dir", str(out) + "-plain-b",
         ]  # fmt: skip
 
-        def with_mfu(read: Callable[[Path, float], dict[str, Any]]) -> Callable[[Path, float], dict[str, Any]]:
-            def wrapped(log: Path, wall: float) -> dict[str, Any]:
-                measured = read(log, wall)
-                tokens = measured.get("real_tokens_per_second") or 0
-                measured.update(mfu=6 * params * tokens / flops, params=params, peak_flops=flops)
-                return measured
-
-            return wrapped
-
         return [
-            Row("ftctl", "ftctl", train, with_mfu(ftctl_reader(out, "perplexity", split="metrics"))),
+            Row("ftctl", "ftctl", train, with_mfu(ftctl_reader(out, "perplexity", split="metrics"), params, flops)),
             Row("plain (b): Trainer, dynamic padding + group_by_length", "baseline_b", plain,
-                with_mfu(baseline_reader("eval_loss"))),
+                with_mfu(baseline_reader("eval_loss"), params, flops)),
         ]  # fmt: skip
 
     return rows
