@@ -31,6 +31,22 @@ def versions() -> dict[str, str]:
     return {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "datasets")}
 
 
+def _stamp() -> tuple[str, str]:
+    return time.strftime("%Y-%m-%d"), ", ".join(f"{k} {v}" for k, v in versions().items())
+
+
+def machine_line() -> str:
+    """The `- machine: ...; date; versions` bullet that opens a result page."""
+    date, libs = _stamp()
+    return f"- machine: {machine()}; {date}; {libs}"
+
+
+def invocation_line(module: str) -> str:
+    """The opening sentence of a result page that names its command: `python -m MODULE`, date, machine, versions."""
+    date, libs = _stamp()
+    return f"`python -m {module}`, {date}, on {machine()}; {libs}."
+
+
 def need_data(*relative: str) -> list[Path]:
     paths = [DATA / r for r in relative]
     missing = [str(p) for p in paths if not p.exists()]

@@ -14,7 +14,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import machine, save, versions
+from bench.common import machine, machine_line, save, versions
 
 ROUNDS = 12  # of 10 steps per setting
 
@@ -73,7 +73,7 @@ def main() -> None:
     lines = [
         "# CPU kernels: attention with dropout (SDPA vs eager), and dropout",
         "",
-        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        machine_line(),
         "- `python -m bench.cpu_kernels`: forward + backward of attention with dropout 0.1 (12 heads of 32, additive "
         "mask), about 1,000 tokens per batch; dropout forward on a (batch, length, 384) tensor. Median of three",
         "",

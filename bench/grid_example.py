@@ -10,9 +10,8 @@ report.json. Writes bench/results/grid_example/README.md with the machine and th
 from __future__ import annotations
 
 import json
-import time
 
-from bench.common import OUT, REPO, RESULTS, ftctl, machine, need_data, run, versions
+from bench.common import OUT, REPO, RESULTS, ftctl, invocation_line, need_data, run
 
 GRID = REPO / "bench" / "grid_example.yaml"
 GRID_DIR = OUT / "grid_example"
@@ -30,9 +29,7 @@ def main() -> None:
     lines = [
         "# Example comparison grid",
         "",
-        f"`python -m bench.grid_example`, {time.strftime('%Y-%m-%d')}, on {machine()}; "
-        + ", ".join(f"{k} {v}" for k, v in versions().items())
-        + ".",
+        invocation_line("bench.grid_example"),
         "",
         f"- grid: {len(cells)} cells ({', '.join(state['axes']['methods'])} x {', '.join(state['axes']['tasks'])}), "
         f"{sum(c['status'] == 'done' for c in cells)} done; this invocation took {grid_seconds:.0f} s "

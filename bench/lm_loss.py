@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import machine, save, versions
+from bench.common import invocation_line, machine, save, versions
 
 VOCAB, LAYERS, WIDTH, BATCH, LENGTH, LABELLED = 50257, 4, 256, 4, 512, 256
 
@@ -77,9 +77,7 @@ def main() -> None:
     lines = [
         "# Chunked causal-LM loss: peak memory and step time (CPU)",
         "",
-        f"`python -m bench.lm_loss`, {time.strftime('%Y-%m-%d')}, on {machine()}; "
-        + ", ".join(f"{k} {v}" for k, v in versions().items())
-        + ".",
+        invocation_line("bench.lm_loss"),
         "",
         f"GPT-2-shaped decoder, vocabulary {VOCAB:,}, {LAYERS} layers of width {WIDTH}, random weights, fp32; "
         f"batch {BATCH} x {LENGTH} tokens, labels on the last {LABELLED} of each row; one forward + backward, each "

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import OUT, ftctl, machine, need_data, run, save, versions
+from bench.common import OUT, ftctl, machine, machine_line, need_data, run, save, versions
 
 PERF = OUT / "perf"
 PY = sys.executable
@@ -536,7 +536,7 @@ def markdown(scenarios: list[Scenario], started: float) -> str:
     lines = [
         "# Performance: ftctl vs the plain transformers/peft way, same machine, same invocation",
         "",
-        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        machine_line(),
         f"- `python -m bench.run --scenarios {' '.join(s.name for s in scenarios)}` "
         f"({(time.time() - started) / 60:.1f} minutes)",
         "- (a) Trainer, every example padded to a fixed length (timed over a few steps: throughput only); (b) Trainer "

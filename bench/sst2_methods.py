@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
-from bench.common import OUT, ftctl, machine, need_data, run, save, versions
+from bench.common import OUT, ftctl, machine, machine_line, need_data, run, save, versions
 
 # Catalogue order for the table; any other registered method follows.
 ORDER = [
@@ -183,7 +182,7 @@ def main() -> None:
     lines = [
         "# SST-2, pretrained MiniLM (all-MiniLM-L6-v2), ftctl defaults per method",
         "",
-        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        machine_line(),
         f"- data: {args.samples:,} sentences of glue_sst2/train.tsv (seeded 10% validation hold-out first), "
         "scored on all 872 sentences of dev.tsv",
         "- command per method: `ftctl train --task sst2 --method M --train-file glue_sst2/train.tsv "

@@ -11,9 +11,8 @@ with the machine, the commands and the wall time of each step.
 from __future__ import annotations
 
 import json
-import time
 
-from bench.common import OUT, REPO, RESULTS, ftctl, machine, need_data, run, versions
+from bench.common import OUT, REPO, RESULTS, ftctl, invocation_line, need_data, run
 
 GRID = REPO / "bench" / "study_sst2.yaml"
 WORK = OUT / "study_sst2"
@@ -46,9 +45,7 @@ def write_readme(grid_seconds: float, report_seconds: float) -> None:
     lines = [
         "# A small real study: MiniLM on SST-2, three methods, three seeds, learning rate searched",
         "",
-        f"`python -m bench.study_sst2`, {time.strftime('%Y-%m-%d')}, on {machine()}; "
-        + ", ".join(f"{k} {v}" for k, v in versions().items())
-        + ".",
+        invocation_line("bench.study_sst2"),
         "",
         f"- grid ({GRID.relative_to(REPO)}): {len(trials)} search trials "
         f"({sum(t['state'] == 'pruned' for t in trials)} pruned half-way), then {len(cells)} cells, "

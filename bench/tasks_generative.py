@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from bench.common import OUT, ftctl, machine, need_data, run, save, versions
+from bench.common import OUT, ftctl, machine, machine_line, need_data, run, save, versions
 from bench.tiny_models import build_models
 
 FIXTURES = "hf_test_fixtures"
@@ -102,7 +101,7 @@ def main() -> None:
     lines = [
         "# Generative tasks on the small real samples, tiny random models (pipeline check)",
         "",
-        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        machine_line(),
         "- models: 2-layer T5 (d_model 64) and GPT-2 (n_embd 64), random weights, byte-level BPE (2,000 tokens) "
         f"trained on the samples; LoRA defaults, lr 1e-3, {args.epochs:g} epochs, `--max-new-tokens 32`",
         "- the numbers show the pipeline runs and learns (eval loss falls from the untrained baseline); random tiny "

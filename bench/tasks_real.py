@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
-from bench.common import OUT, ftctl, machine, need_data, run, save, versions
+from bench.common import OUT, ftctl, machine, machine_line, need_data, run, save, versions
 
 TASKS = ("ner", "stsb", "squad")
 
@@ -107,8 +106,7 @@ def main() -> None:
     lines = [
         "# Classic NLP tasks, pretrained MiniLM (all-MiniLM-L6-v2), ftctl defaults",
         "",
-        f"- machine: {machine()}; {time.strftime('%Y-%m-%d')}; "
-        + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        machine_line(),
         "",
         "| task | data | method | precision | lr | epochs | trainable | train s | samples/s | peak MB | wall s "
         "| metrics | goal |",
