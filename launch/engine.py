@@ -48,6 +48,13 @@ if TYPE_CHECKING:  # annotations only
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
+
+
+def higher_is_better(metric: str) -> bool:
+    """The direction of a metric, for choosing the best checkpoint, the best search trial and the best method."""
+    return metric not in LOWER_IS_BETTER
+
+
 GENERATION_PREFIX = "generation_"  # batch keys holding the prompt to generate from (decoders), not model inputs
 
 
@@ -137,7 +144,7 @@ def best_metric(cfg: RunConfig, task: Task) -> tuple[str, bool]:
             f"--metric-for-best-model '{metric}' is not reported by task '{task.preset_name}'; "
             f"choose one of: {', '.join((*task.metrics, 'loss'))}"
         )
-    return metric, metric not in LOWER_IS_BETTER
+    return metric, higher_is_better(metric)
 
 
 def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: LaunchFacts) -> TrainingArguments:

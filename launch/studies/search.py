@@ -33,7 +33,7 @@ from typing import Any
 from ftctl.errors import FtctlError
 from launch import rundir
 from launch.config import resolve_values
-from launch.engine import LOWER_IS_BETTER
+from launch.engine import higher_is_better
 from launch.progress import EVENTS_FILE
 from launch.studies.spec import EXCLUDED, REFUSED, Cell, GridSpec
 from tasks import TASKS
@@ -159,7 +159,7 @@ def searches(spec: GridSpec, cells: list[Cell], grid_dir: Path) -> list[Search]:
             space=space,
             trial_options=options,
             metric=metric,
-            direction="minimize" if metric in LOWER_IS_BETTER else "maximize",
+            direction="maximize" if higher_is_better(metric) else "minimize",
             root=grid_dir / SEARCH_DIR,
         )
         _check_trials_evaluate(search)
