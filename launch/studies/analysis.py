@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from launch.engine import LOWER_IS_BETTER
+from launch.engine import higher_is_better
 from launch.studies import stats
 from tasks.base import ExampleStatistics
 
@@ -23,10 +23,6 @@ if TYPE_CHECKING:  # annotations only: collect builds the runs and calls this mo
     from launch.studies.collect import Run
 
 EXAMPLES_SHOWN = 3  # flipped examples shown per direction
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
 
 
 def pair_key(run: Run) -> tuple:
@@ -73,7 +69,7 @@ def _group_metrics(members: list[dict[str, Any]], metrics: list[str]) -> dict[st
             interval = stats.bootstrap_interval(evaluated, metric)
             if interval:
                 summary["ci"] = interval
-                summary["ci_method"] = f"bootstrap over {len(members[0]['evaluation'].statistics)} examples"
+                summary["ci_method"] = f"bootstrap over {len(evaluated.statistics)} examples"
         out[metric] = summary
     return out
 
@@ -172,11 +168,11 @@ def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
     sign = 1 if higher else -1
     best = max(scored, key=lambda g: sign * g["metrics"][primary]["mean"])
     best["best"] = True
-    for group, runs in grouped.items():
-        target = next(g for g in groups if (g["model"], g["method"]) == group)
+    best_runs = grouped[(best["model"], best["method"])]
+    for target, runs in zip(groups, grouped.values(), strict=True):  # groups were built in grouped's order
         if target is best:
             continue
-        a, b = _paired(grouped[(best["model"], best["method"])], runs)
+        a, b = _paired(best_runs, runs)
         comparison: dict[str, Any] = {"a": _label(best), "b": _label(target), "metric": primary}
         if not a:
             comparison.update(paired=False, reason="no per-example predictions on the same examples")
