@@ -38,11 +38,9 @@ def pair_key(run: Run) -> tuple:
 
 def evaluation(run: Run, rows: list[dict[str, Any]], task_cls: Any) -> stats.Evaluation | None:
     """The run's per-example statistics, when its task has them and its predictions file is of the task's shape."""
-    if not rows or task_cls is None:
+    if not rows or task_cls is None or not issubclass(task_cls, ExampleStatistics):
         return None
     task = task_cls.__new__(task_cls)  # the statistics hooks read only their arguments
-    if not isinstance(task, ExampleStatistics):
-        return None
     state = (run.record.get("task") or {}).get("state") or {}
     try:
         values = task.example_statistics(rows, state)

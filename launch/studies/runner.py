@@ -326,9 +326,7 @@ class Runner:
         args = [str(self.dir / cell.id)]
         if (self.spec.baseline or self.spec.few_shot) and cell.baseline_key not in self.baselines:
             args += ["--baseline"] if self.spec.baseline else []
-            if self.spec.few_shot and isinstance(
-                TASKS.get(cell.task.name).cls.__new__(TASKS.get(cell.task.name).cls), Prompted
-            ):
+            if self.spec.few_shot and issubclass(TASKS.get(cell.task.name).cls, Prompted):
                 args += ["--few-shot", str(self.spec.few_shot)]
         return args
 
