@@ -257,7 +257,7 @@ class GenerationTask(Task):
         head, body, tail = self.prompt_parts(example, fmt)
         end = self.stop_ids(fmt)[0]
         prompt = head + body + tail
-        answer = (fmt.answer_space(prompt) if fmt.mode == "plain" else "") + self.target(example)
+        answer = fmt.answer(prompt, self.target(example))
         return {
             **fmt.describe(),
             "first_example": {"prompt": prompt, "target": answer},
@@ -342,8 +342,7 @@ class GenerationTask(Task):
                 head, body, tail = self.prompt_parts(example, fmt)
                 text = head + body + tail
                 if decoder:
-                    space = fmt.answer_space(text) if fmt.mode == "plain" else ""
-                    target = ids(space + self.target(example))[:max_target]
+                    target = ids(fmt.answer(text, self.target(example)))[:max_target]
                     prompt = _decoder_prompt(tokenizer, before, ids, (head, body, tail), max_length - len(target) - 1)
                     out["prompt_ids"].append(prompt)
                     out["input_ids"].append(prompt + target + [end])

@@ -162,7 +162,10 @@ class PromptFormat:
                 self._messages(user, shots), tokenize=False, add_generation_prompt=True
             )
         else:
-            blocks = [self.user_text(s.fields) + self.answer_space(self.user_text(s.fields)) + s.target for s in shots]
+            blocks = []
+            for shot in shots:
+                question = self.user_text(shot.fields)
+                blocks.append(question + self.answer_space(question) + shot.target)
             text = "\n\n".join([*([self.system] if self.system else []), *blocks, user])
         if BODY not in text:  # a template without the body field
             return text, "", ""
@@ -173,6 +176,11 @@ class PromptFormat:
     def answer_space(prompt: str) -> str:
         """Plain prompts: the answer follows after a space unless the prompt ends in whitespace."""
         return "" if not prompt or prompt[-1].isspace() else " "
+
+    def answer(self, prompt: str, target: str) -> str:
+        """A decoder's target text as it follows `prompt`: after a space in plain prompts (see `answer_space`); a
+        chat template's assistant turn starts it afresh."""
+        return (self.answer_space(prompt) if self.mode == "plain" else "") + target
 
     def end_of_turn(self) -> int | None:
         """The token that ends an assistant turn (chat mode): the first special token the template writes after the
