@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, set_seed
 
 from ftctl.errors import FtctlError, run_main
-from ftctl.models import load_kwargs, load_tokenizer
+from ftctl.models import load_kwargs
 from ftctl.options import Parser
 from launch import engine, record, rundir, runs
 from launch.cache import encode_cached
@@ -87,18 +87,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raw, source = evaluation_data(run, opts)
 
     quiet_transformers()
-    tokenizer = load_tokenizer(str(weights), run.cfg.trust_remote_code)
-    run.task.prepare_tokenizer(tokenizer, run.family)
-    run = dataclasses.replace(run, task=run.task.bind(tokenizer=tokenizer))
+    run, tokenizer = runs.with_saved_tokenizer(run, weights)
     encoded = encode_cached(run.task, raw, tokenizer, run.cfg.token_cache)
     model_kwargs = {**load_kwargs(run.cfg), **run.method.load_kwargs(run.context())}
     with tempfile.TemporaryDirectory(prefix="ftctl-eval-") as scratch:
         args = engine.training_arguments(run.cfg, run.task, scratch, run.launch)
         engine.check_world(args)
-        try:
-            model = run.method.load_trained(run.task, str(weights), run.model_ref, tokenizer, model_kwargs)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise FtctlError(f"cannot load the fine-tuned model from {weights}: {str(exc).splitlines()[0]}") from None
+        model = runs.load_trained(run, weights, tokenizer, model_kwargs)
         after = score_model(run, args, model, tokenizer, encoded)
         del model
         before = score_baselines(run, opts, args, tokenizer, model_kwargs, raw)
@@ -110,6 +105,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         show_metrics(title, after.metrics, {name: b.metrics for name, b in before.items()})
         console.print(f"wrote {output}")
     return result
+
+
+BASELINE_KINDS = {  # baseline name -> what eval.json says it is
+    "zero-shot": "zero-shot: the base model, prompted the same way",
+    "untrained head": "untrained head: the base model with a new, untrained task head (about chance)",
+}
 
 
 def baseline_name(task: Task) -> str:
@@ -210,14 +211,10 @@ def eval_json(
     before: dict[str, Scored],
 ) -> dict[str, Any]:
     result: dict[str, Any] = {**after.metrics, "details": after.details}
-    zero = before.get(baseline_name(run.task))
-    if zero is not None:
-        result["baseline"] = {**zero.metrics, "details": zero.details}
-        result["baseline_kind"] = (
-            "zero-shot: the base model, prompted the same way"
-            if isinstance(run.task, Prompted)
-            else "untrained head: the base model with a new, untrained task head (about chance)"
-        )
+    name = baseline_name(run.task)
+    if name in before:
+        result["baseline"] = {**before[name].metrics, "details": before[name].details}
+        result["baseline_kind"] = BASELINE_KINDS[name]
     if opts["few_shot"]:
         few = before[f"{opts['few_shot']}-shot"]
         result["few_shot"] = {"k": opts["few_shot"], "metrics": few.metrics, "details": few.details}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError, run_main
-from ftctl.models import load_kwargs, load_tokenizer, resolve_model
+from ftctl.models import load_kwargs, resolve_model
 from ftctl.options import Parser
 from launch import rundir, runs
 from launch.console import console
@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_weights(weights, run.method.is_peft)
 
     quiet_transformers()
-    tokenizer = load_tokenizer(str(weights), run.cfg.trust_remote_code)
-    run.task.prepare_tokenizer(tokenizer, run.family)
-    task = run.task.bind(tokenizer=tokenizer)
+    run, tokenizer = runs.with_saved_tokenizer(run, weights)
+    task = run.task
     try:
         model, notes = run.method.merge(task, str(weights), run.model_ref, tokenizer, load_kwargs(run.cfg))
     except (OSError, ValueError, RuntimeError) as exc:

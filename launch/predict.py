@@ -23,7 +23,7 @@ from typing import Any
 import datasets
 
 from ftctl.errors import FtctlError, run_main
-from ftctl.models import load_kwargs, load_tokenizer
+from ftctl.models import load_kwargs
 from ftctl.options import Parser
 from launch import engine, rundir, runs
 from launch.console import console
@@ -87,9 +87,8 @@ def load(opts: dict[str, Any], **overrides: Any) -> tuple[runs.Run, Path]:
 def infer(run: runs.Run, weights: Path, raw: datasets.Dataset) -> list[dict[str, Any]]:
     """The run's predictions on `raw` (inputs with or without answers), one row per input, gold fields left out."""
     quiet_transformers()
-    tokenizer = load_tokenizer(str(weights), run.cfg.trust_remote_code)
-    run.task.prepare_tokenizer(tokenizer, run.family)
-    task = run.task.bind(tokenizer=tokenizer)
+    run, tokenizer = runs.with_saved_tokenizer(run, weights)
+    task = run.task
     raw = task.unlabelled(raw)
     task.check_data({"input": raw}, training=False)
     if isinstance(task, SamplesGenerations):  # scored by perplexity: here every prompt is answered
@@ -100,10 +99,7 @@ def infer(run: runs.Run, weights: Path, raw: datasets.Dataset) -> list[dict[str,
     with tempfile.TemporaryDirectory(prefix="ftctl-predict-") as scratch:
         args = engine.training_arguments(run.cfg, task, scratch, run.launch)
         engine.check_world(args)
-        try:
-            model = run.method.load_trained(task, str(weights), run.model_ref, tokenizer, model_kwargs)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise FtctlError(f"cannot load the fine-tuned model from {weights}: {str(exc).splitlines()[0]}") from None
+        model = runs.load_trained(run, weights, tokenizer, model_kwargs)
         trainer = engine.build_trainer(run.cfg, args, task, run.method, model, tokenizer, None, None)
         _, _, predictions = engine.score(trainer, task, encoded)
     return [

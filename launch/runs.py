@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from ftctl.config import RunConfig
 from ftctl.errors import FtctlError
 from ftctl.facts import DataFacts, LaunchFacts
-from ftctl.models import check_precision, load_config, model_family, resolve_model
+from ftctl.models import check_precision, load_config, load_tokenizer, model_family, resolve_model
 from ftctl.vocab import Family
-from launch import configs, rundir, tracking
+from launch import configs, tracking
 from launch.config import Resolved, resolve, resolve_values, stored_values
-from launch.rundir import RUN_FILE, read_json
+from launch.rundir import RUN_FILE, SPEC_FILE, read_json
 from methods.base import Context, Method
 from tasks import TASKS
 from tasks.base import Task
@@ -210,19 +210,19 @@ def locate(run_dir: str) -> tuple[Path, dict[str, Any]]:
     path = Path(run_dir)
     if not path.is_dir():
         raise FtctlError(f"run directory not found: {run_dir}")
-    if (path / rundir.RUN_FILE).is_file():
-        record = rundir.read_json(path / rundir.RUN_FILE, "run record")
+    if (path / RUN_FILE).is_file():
+        record = read_json(path / RUN_FILE, "run record")
         if record.get("status") != "completed" or "config" not in record:
-            raise FtctlError(f"{path / rundir.RUN_FILE} is not a completed ftctl run record")
+            raise FtctlError(f"{path / RUN_FILE} is not a completed ftctl run record")
         return path, {
             "config": record["config"],
             "task_state": record["task"]["state"],
             "model_ref": record["model"]["name_or_path"],
         }
-    for spec_path in (path / rundir.SPEC_FILE, path.parent / rundir.SPEC_FILE):
+    for spec_path in (path / SPEC_FILE, path.parent / SPEC_FILE):
         if spec_path.is_file() and path.name.startswith("checkpoint-"):
-            return path, rundir.read_json(spec_path, "run spec")
-    if (path / rundir.SPEC_FILE).is_file():
+            return path, read_json(spec_path, "run spec")
+    if (path / SPEC_FILE).is_file():
         checkpoints = sorted(p.name for p in path.glob("checkpoint-*"))
         hint = f"evaluate a checkpoint, e.g. {path / checkpoints[-1]}, or " if checkpoints else ""
         raise FtctlError(f"the run in {run_dir} did not finish (no run.json); {hint}continue it with --resume")
@@ -243,3 +243,20 @@ def check_weights(weights: Path, peft: bool) -> None:
             raise FtctlError(
                 f"{file} is damaged or truncated ({str(exc).splitlines()[0]}); re-run or restore it"
             ) from None
+
+
+def with_saved_tokenizer(run: Run, weights: Path) -> tuple[Run, PreTrainedTokenizerBase]:
+    """The tokenizer saved with the weights, prepared for the run's family, and the run with its task bound to it."""
+    tokenizer = load_tokenizer(str(weights), run.cfg.trust_remote_code)
+    run.task.prepare_tokenizer(tokenizer, run.family)
+    return replace(run, task=run.task.bind(tokenizer=tokenizer)), tokenizer
+
+
+def load_trained(
+    run: Run, weights: Path, tokenizer: PreTrainedTokenizerBase, model_kwargs: dict[str, Any]
+) -> torch.nn.Module:
+    """The fine-tuned model saved in `weights` (on its base model, for adapters); a failure is one line."""
+    try:
+        return run.method.load_trained(run.task, str(weights), run.model_ref, tokenizer, model_kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise FtctlError(f"cannot load the fine-tuned model from {weights}: {str(exc).splitlines()[0]}") from None
