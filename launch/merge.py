@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError, run_main
-from ftctl.models import load_kwargs, resolve_model
+from ftctl.models import load_kwargs
 from ftctl.options import Parser
 from launch import rundir, runs
 from launch.console import console
@@ -58,10 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet()
     opts = build_parser().parse_strict(list(sys.argv[1:] if argv is None else argv))
     weights, spec = locate(opts["run_dir"])
-    adapter_config = weights / "adapter_config.json"
-    adapter = rundir.read_json(adapter_config, "adapter config") if adapter_config.is_file() else {}
-    base = resolve_model(opts["model"] or adapter.get("base_model_name_or_path") or spec["model_ref"])
-    run = runs.from_record(spec["config"], spec["task_state"], str(weights / rundir.RUN_FILE), model=base)
+    run = runs.from_saved(weights, spec, opts["model"])
     if not run.method.mergeable:
         raise FtctlError(f"method '{run.method.variant}' has nothing to merge: {run.method.merge_refusal}")
     output = Path(opts["output"])

@@ -195,14 +195,11 @@ SCORING = {
 def from_saved(weights: Path, spec: dict[str, Any], model: str | None = None, **overrides: Any) -> Run:
     """A finished run (or checkpoint) as recorded, with `overrides`; its base model from `model`, else the adapter's
     config (adapters) or the run record (full models)."""
-    base = resolve_model(model) if model else None
-    if base is None and (weights / "adapter_config.json").is_file():
-        adapter = read_json(weights / "adapter_config.json", "adapter config")
-        base = resolve_model(adapter.get("base_model_name_or_path"))
+    adapter_file = weights / "adapter_config.json"
+    adapter = read_json(adapter_file, "adapter config") if adapter_file.is_file() else {}
+    base = model or adapter.get("base_model_name_or_path") or spec["model_ref"]  # resolved by `load`
     where = str(weights / RUN_FILE)
-    return from_record(
-        spec["config"], spec["task_state"], where, model=base or spec["model_ref"], **{**SCORING, **overrides}
-    )
+    return from_record(spec["config"], spec["task_state"], where, model=base, **{**SCORING, **overrides})
 
 
 def locate(run_dir: str) -> tuple[Path, dict[str, Any]]:
