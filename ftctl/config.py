@@ -97,6 +97,11 @@ class RunConfig:
     )
     gradient_checkpointing: bool = option(False, "recompute activations to save memory", group=TRAIN)
     compile: bool = option(False, "torch.compile the model (pays off on long GPU runs)", group=TRAIN)
+    plan: bool = option(
+        True,
+        "predict peak memory and time before loading weights, and record them beside the measured ones (ftctl plan)",
+        group=TRAIN,
+    )
     liger_kernel: bool | None = option(
         None, "Liger Triton kernels (CUDA; default: on when liger-kernel is installed and a GPU is used)", group=TRAIN
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +114,38 @@ def check_precision(cfg: Any, model_config: PretrainedConfig) -> None:
         )
 
 
+# Inside `skeletons()`, `from_pretrained` builds the model from its config and reads no weights (launch/plan.py
+# traces a training step on it, under FakeTensorMode: no memory either).
+_SKELETON: contextvars.ContextVar[bool] = contextvars.ContextVar("ftctl_skeleton", default=False)
+CONFIG_KWARGS = ("num_labels", "id2label", "label2id")  # what the tasks pass that belongs to the config
+MODEL_KWARGS = ("attn_implementation", "dtype", "torch_dtype")  # what `from_config` takes too
+
+
+@contextlib.contextmanager
+def skeletons() -> Iterator[None]:
+    token = _SKELETON.set(True)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
+def _skeleton(auto_cls: Any, ref: str, kwargs: dict[str, Any]) -> Any:
+    """The model `from_pretrained` would build, from its config alone (quantization is the planner's to count)."""
+    remote = bool(kwargs.get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(
+        ref, trust_remote_code=remote, **{k: kwargs[k] for k in CONFIG_KWARGS if k in kwargs}
+    )
+    model = auto_cls.from_config(
+        config, trust_remote_code=remote, **{k: kwargs[k] for k in MODEL_KWARGS if k in kwargs}
+    )
+    return (model, {"missing_keys": []}) if kwargs.get("output_loading_info") else model
+
+
 def from_pretrained(auto_cls: Any, ref: str, **kwargs: Any) -> Any:
     """`auto_cls.from_pretrained` with load errors turned into one clear line."""
+    if _SKELETON.get():
+        return _skeleton(auto_cls, ref, kwargs)
     local = Path(ref)
     if kwargs.get("use_safetensors") and local.is_dir() and not any(local.glob("*.safetensors")):
         if any(local.glob("*.bin")):

@@ -152,6 +152,24 @@ def list_(
 
 
 @app.command(context_settings=FORWARD, add_help_option=False)
+def plan(ctx: typer.Context) -> None:
+    """Predict peak memory and time of a run (train options) or of every cell of a grid (GRID.yaml), before
+    anything is loaded; --gpu-memory 16GiB says what fits."""
+    raise typer.Exit(_forward(_plan, ctx.args))
+
+
+def _plan(argv: list[str]) -> None:
+    if argv and not argv[0].startswith("-"):  # `ftctl plan GRID.yaml [options]` (a path or a shipped recipe)
+        from launch.studies.grid import plan_main
+
+        plan_main(argv)
+        return
+    from launch.plan import main
+
+    main(argv)
+
+
+@app.command(context_settings=FORWARD, add_help_option=False)
 def grid(ctx: typer.Context) -> None:
     """Run a comparison grid from a YAML file; re-run it to resume. All options: [bold]ftctl grid --help[/]."""
     from launch.studies.grid import main

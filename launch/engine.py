@@ -448,6 +448,14 @@ class FtctlTrainer(Trainer):
         self.health.record(loss, self.state.global_step + 1)  # checked by GracefulStop at the next checked step
         return loss
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The stock fetch of a step's micro-batches; the allocation probe (launch/plan.py) sees their shapes."""
+        batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "see_batches"):
+                callback.see_batches(batches, self.state.global_step)
+        return batches, items
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):

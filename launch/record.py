@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from ftctl.errors import FtctlError
 from ftctl.models import EMBEDDED_HUB_ID, EMBEDDED_NAME, is_embedded
-from launch import engine, rundir, tracking
+from launch import engine, plan, rundir, tracking
 from launch.console import console, fmt, scalar_metrics, show_metrics
 from launch.engine import FtctlTrainer
 from launch.runs import Run
@@ -110,6 +110,7 @@ class Facts:
     result: Any  # the Trainer's TrainOutput
     trainer: FtctlTrainer
     tokens: dict[str, Any]  # token slots, real tokens and padding fraction (FtctlTrainer.token_counts)
+    plan: tuple[Any, Any] = (None, None)  # the prediction and the CPU allocation probe (launch/plan.py)
 
 
 def tracker(run: Run, run_dir: Path) -> tracking.MlflowRun | None:
@@ -188,6 +189,7 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
     run, task, method, state = facts.run, facts.run.task, facts.run.method, facts.trainer.state
     trainable, total = facts.counts
     embedded = is_embedded(run.model_ref)
+    costs = cost(facts, clock)
     return {
         "status": "completed",
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -230,11 +232,12 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
         "trainable_percent": 100 * trainable / total,
         "reduction_percent": 100 * (1 - trainable / total),
         "saved_weights": saved_weights(saved),  # the adapter (PEFT methods) or model on disk
-        **cost(facts, clock),
+        **costs,
         "global_step": state.global_step,
         "epochs_completed": state.epoch,
         "best_checkpoint": state.best_model_checkpoint,
         **peak_memory(),
+        "plan": plan.compare(*facts.plan, costs["train_runtime_s"]),
         "history": state.log_history,
         "metrics": scores.metrics,
         "metric_details": scores.details,

@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ftctl.errors import FtctlError, run_main, warn
 from ftctl.facts import DataFacts
 from ftctl.models import load_kwargs, load_tokenizer
-from launch import engine, record, rundir, runs
+from launch import engine, plan, record, rundir, runs
 from launch.cache import encode_cached
 from launch.config import default_output_dir
 from launch.console import console, show_pairs
@@ -51,6 +51,8 @@ class Setup:
     resume_checkpoint: str | None
     speed_ups: dict[str, int]  # frozen_params_in_autocast_dtype, cpu_dropout_modules (see `speed_ups`)
     counts: tuple[int, int]  # (trainable, total) parameters as training starts (AdaLoRA prunes some away later)
+    prediction: plan.Prediction | None  # peak memory and time predicted before the weights were read (--plan)
+    probe: plan.AllocationProbe | None  # measures the planned step's CPU allocation peak (CUDA keeps statistics)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m launch.train") -> dict[str, Any]:
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
         s.encoded["train"],
         validation,
         run_dir,
-        tuple(t for t in (tracker,) if t is not None),
+        tuple(t for t in (tracker, s.probe) if t is not None),
     )
     with clock.training():
         result = trainer.train(resume_from_checkpoint=s.resume_checkpoint)
@@ -90,9 +92,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
     trainer.accelerator.wait_for_everyone()
     s.run.method.save(trainer, str(staging))  # every process takes part: ZeRO-3 gathers the weights
     if main_process:
-        facts = record.Facts(
-            s.run, s.args, s.tokenizer, s.data, s.model, s.speed_ups, s.counts, result, trainer, tokens
-        )
+        done = (result, trainer, tokens, (s.prediction, s.probe))
+        facts = record.Facts(s.run, s.args, s.tokenizer, s.data, s.model, s.speed_ups, s.counts, *done)
         record.commit(facts, scores, clock, staging, run_dir)
         if tracker is not None:
             tracker.finish(scores.metrics, scores.test_metrics)
@@ -121,13 +122,17 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
         task = run.task.bind(state=run.task.check_data(data.splits, training=True), tokenizer=tokenizer)
         encoded = {name: encode_cached(task, ds, tokenizer, cfg.token_cache) for name, ds in data.splits.items()}
     run = dataclasses.replace(run, task=task)
-    ctx = run.context(DataFacts(len(encoded["train"]), engine.total_steps(args, len(encoded["train"]))))
+    steps = engine.total_steps(args, len(encoded["train"]))
+    ctx = run.context(DataFacts(len(encoded["train"]), steps))
+    prediction = plan.attempt(run, tokenizer, encoded["train"], steps) if cfg.plan and args.process_index == 0 else None
 
     set_seed(cfg.seed)
     kwargs = {**load_kwargs(cfg), **run.method.load_kwargs(ctx)}
     model = run.method.apply(task.build_model(run.model_ref, tokenizer, kwargs), task, ctx)
     counts = parameter_counts(model)
-    return Setup(run, args, tokenizer, data, encoded, model, resume_checkpoint, speed_ups(model, args, run), counts)
+    ups = speed_ups(model, args, run)
+    probe = plan.AllocationProbe(prediction.shape) if prediction and prediction.shape.device == "cpu" else None
+    return Setup(run, args, tokenizer, data, encoded, model, resume_checkpoint, ups, counts, prediction, probe)
 
 
 def speed_ups(model: torch.nn.Module, args: TrainingArguments, run: runs.Run) -> dict[str, int]:

@@ -40,6 +40,7 @@ FAST = [
     "--save-total-limit",
     "1",
     "--eval-on-start",
+    "--no-plan",  # the prediction is tested where it is the subject (tests/run/test_plan.py), not in every run
 ]
 
 

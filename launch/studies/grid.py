@@ -16,6 +16,7 @@ checkpoint (or starts again when it has none), failed cells are tried again.
 from __future__ import annotations
 
 import fcntl
+import json
 import shlex
 import shutil
 import sys
@@ -26,12 +27,14 @@ from rich.console import Console
 
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
-from launch import launcher
+from launch import launcher, plan, runs
+from launch.config import resolve_values
 from launch.configs import RECIPES
 from launch.quiet import quiet
 from launch.studies import report
 from launch.studies import search as searching
-from launch.studies.runner import CONFIGS, GRID_FILE, LOGS, SPEC_COPY, CellsFailed, Runner, plan
+from launch.studies.runner import CONFIGS, GRID_FILE, LOGS, SPEC_COPY, CellsFailed, Runner, cell_launcher
+from launch.studies.runner import plan as plan_cells
 from launch.studies.spec import FAILED, FINAL, REFUSED, TRAINED, GridSpec, expand, load_spec
 
 LOCK = ".grid.lock"
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells = expand(spec)
     found = searching.searches(spec, cells, grid_dir)
     searching.apply_known(found)  # values chosen by an earlier run of the grid, before planning compares cells
-    plan(spec, cells, grid_dir, launch_options)
+    plan_cells(spec, cells, grid_dir, launch_options)
     command = ["ftctl", "grid", *argv]
     runner = Runner(spec, cells, grid_dir, launch_options, command, found)
 
@@ -196,6 +199,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if left:
         console.print(f"stopped with {len(left)} cells left; run the same command again to continue", markup=False)
     return state
+
+
+def plan_main(argv: list[str]) -> list[dict[str, Any]]:
+    """`ftctl plan GRID.yaml`: every cell's predicted peak memory and time (cells that differ only in their seed
+    share a row), whether it fits `--gpu-memory`, and what would make it fit; refused cells say why."""
+    quiet()
+    parser = plan.plan_options("ftctl plan")
+    parser.add_argument("grid", metavar="GRID.yaml")
+    opts = parser.parse_strict(argv)
+    spec = load_spec(grid_file(opts["grid"]))
+    accelerate = cell_launcher(_launch_options(spec, {}))
+    known: dict[str, Any] = {}
+    rows, seen = [], set()
+    for cell in expand(spec):
+        values = {k: v for k, v in cell.values.items() if k != "seed"}
+        key = json.dumps(values, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        label = cell.id.rsplit("__seed", 1)[0] if len(spec.seeds) > 1 else cell.id
+        resolved = resolve_values(dict(cell.values))
+        try:
+            run = runs.load(resolved, runs.launch_facts(resolved.cfg, {}, accelerate), known=known)
+        except FtctlError as exc:
+            rows.append({"run": label, "advice": f"refused: {exc}"})
+            continue
+        rows.append(plan.plan_run(run, label, opts))
+    plan.finish(rows, opts)
+    return rows
 
 
 def _report(grid_dir: Path, console: Any) -> None:

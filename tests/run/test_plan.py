@@ -1,0 +1,140 @@
+"""The memory and time planner (launch/plan.py, `ftctl plan`): predictions made on fake tensors, before any weight is
+read, against what real training runs measure on this CPU, one run per method family; the CLI on a run and on a
+grid, with `--gpu-memory` fitting and advice; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cli, data_args, run_json
+
+SHORT = ["--max-length", "16", "--batch-size", "8", "--max-steps", "3", "--eval-strategy", "no", "--plan"]
+
+
+@pytest.fixture
+def same_length(tmp_path):
+    """Examples of one length: every batch has the planned (longest) shape, which the CPU probe measures."""
+    import tiny
+
+    rows = [{"sentence": tiny.sentences(1, 7)[0]["sentence"], "label": i % 2} for i in range(48)]
+    path = tiny.write_jsonl(tmp_path / "same.jsonl", rows)
+    return ["--train-file", str(path), "--validation-file", str(path), "--test-file", str(path)]
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [("bert", "full"), ("bert", "lora"), ("llama", "qlora"), ("llama", "prefix_tuning"), ("gpt2", "adapter")],
+)
+def test_prediction_within_15_percent_of_the_measured_peak(train, same_length, family, method):
+    """A real training run records its prediction and its measured CPU allocation peak (one profiled step of the
+    planned shape): they agree within the issue's 15%, for each method family."""
+    run_dir = train(*SHORT, *same_length, family=family, method=method, name=f"{family}-{method}")
+    recorded = run_json(run_dir)["plan"]
+    predicted, measured = recorded["predicted"], recorded["measured"]
+    assert measured["peak_memory_mb"], measured["how"]
+    assert abs(recorded["error"]["peak_memory"]) <= 0.15, (predicted["parts_mb"], measured)
+    # the parts are those of the method: trainable parameters only where it trains them
+    trainable = predicted["parameters"]["trainable"]
+    total = trainable + predicted["parameters"]["frozen"]
+    assert (trainable == total) == (method == "full")
+    if method == "qlora":
+        assert predicted["parameters"]["quantized"] > 0 and "4 bits" in predicted["notes"][0]
+    assert 0 < predicted["shape"]["length"] <= 16 and predicted["flops_per_step"] > 0
+    assert predicted["rate_tflops"] > 0 and recorded["error"]["train_time"] is not None
+
+
+def test_no_plan_records_none(train):
+    run_dir = train("--max-steps", "2", "--no-plan")
+    assert run_json(run_dir)["plan"] is None
+
+
+def test_zero_stages_shard_the_parts():
+    """What the single-process trace cannot see: ZeRO divides optimizer states (1), gradients (2) and weights (3)
+    over the processes, DDP adds its gradient buckets, offload moves the optimizer states to the CPU."""
+    from ftctl.facts import LaunchFacts
+    from launch.plan import _launch_parts
+
+    def parts(**launch):
+        base = {"weights": 400.0, "gradients": 100.0, "optimizer": 200.0, "activations": 50.0}
+        return _launch_parts(base, LaunchFacts(**launch), 10.0)
+
+    assert parts(num_processes=1) == ({"weights": 400, "gradients": 100, "optimizer": 200, "activations": 50}, 0)
+    assert parts(num_processes=2, distributed_type="multi")[0]["ddp buckets"] == 100
+    zero1 = parts(num_processes=4, deepspeed_stage=1, distributed_type="deepspeed")[0]
+    assert (zero1["optimizer"], zero1["gradients"], zero1["weights"]) == (50, 100, 400)
+    zero3 = parts(num_processes=4, deepspeed_stage=3, distributed_type="deepspeed")[0]
+    assert (zero3["optimizer"], zero3["gradients"], zero3["weights"], zero3["zero-3 gathered layers"]) == (
+        50,
+        25,
+        100,
+        20,
+    )
+    offloaded, moved = parts(num_processes=2, deepspeed_stage=2, deepspeed_offload=True, distributed_type="deepspeed")
+    assert offloaded["optimizer"] == 0 and moved == 100
+
+
+def test_sizes_and_quantized_storage():
+    from ftctl.errors import FtctlError
+    from launch.plan import parse_size, quantized_bytes
+
+    assert parse_size("16GiB") == 16 * 1024 and parse_size("16") == 16 * 1024 and parse_size("512MiB") == 512
+    assert parse_size("16GB") == pytest.approx(16e9 / 2**20)
+    with pytest.raises(FtctlError, match="not a size"):
+        parse_size("lots")
+    assert quantized_bytes(64 * 256, 4) == pytest.approx(64 * 256 * (0.5 + 1 / 64) + 4)
+    assert quantized_bytes(1024, 8) == 1024 + 64
+
+
+def test_plan_cli_run_fit_and_advice(models, data, tmp_path):
+    """`ftctl plan` with train options: the table, the JSON rows, and with a GPU too small for the run at its
+    batch size, the change that makes it fit (checked: that change's own prediction fits)."""
+    out = tmp_path / "plan.json"
+    model = ["--task", "sst2", "--model", str(models["bert"]), *data_args(data), "--max-length", "16"]
+    args = [*model, "--method", "full", "--batch-size", "64", "--json", str(out)]
+    fits = cli("ftctl", "plan", *args, "--gpu-memory", "2GiB")
+    assert fits.returncode == 0, fits.stderr
+    assert "ftctl plan" in fits.stdout and "yes" in fits.stdout
+    row = json.loads(out.read_text())[0]
+    peak = row["prediction"]["peak_memory_mb"]
+    # a limit between the run's need and the need of its smallest micro-batch: the planner must find a remedy
+    need = peak * 1.1 + 512
+    tight = cli("ftctl", "plan", *args, "--gpu-memory", f"{need - 0.3 * peak * 1.1:.1f}MiB")
+    assert tight.returncode == 0, tight.stderr
+    advice = json.loads(out.read_text())[0]
+    assert advice["fits"] == "no" and advice["advice"].startswith("fits with --gradient-checkpointing"), advice
+
+
+def test_plan_cli_grid(models, data, tmp_path):
+    """`ftctl plan GRID.yaml`: one row per cell, seeds sharing a row. T5's classification head checks its inputs'
+    values (every row ends in one EOS), which fake tensors do not have: its row says it was not predicted, and
+    the other rows are still made."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: plan\n"
+        f"models: {{bert: {models['bert']}, t5: {models['t5']}}}\n"
+        "tasks: [sst2]\nmethods: [full, lora]\nseeds: [1, 2]\n"
+        f"settings: {{train_file: {data['train']}, validation_file: {data['validation']}, max_length: 16}}\n"
+    )
+    out = tmp_path / "rows.json"
+    result = cli("ftctl", "plan", str(grid), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4, [r["run"] for r in rows]
+    assert all("__seed" not in r["run"] for r in rows)
+    assert all(r.get("peak") for r in rows if r["run"].startswith("bert")), rows
+    assert all(r["advice"].startswith("not predicted") for r in rows if r["run"].startswith("t5")), rows
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpu-memory", "huge"], "is not a size"),
+        (["--tflops", "0"], "--tflops must be positive"),
+        (["--method", "nope"], "unknown method"),
+    ],
+)
+def test_plan_bad_input(args, message, models, data):
+    result = cli("ftctl", "plan", "--task", "sst2", "--model", str(models["bert"]), *data_args(data), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
