@@ -98,8 +98,9 @@ class RunConfig:
     gradient_checkpointing: bool = option(False, "recompute activations to save memory", group=TRAIN)
     compile: bool = option(False, "torch.compile the model (pays off on long GPU runs)", group=TRAIN)
     plan: bool = option(
-        True,
-        "predict peak memory and time before loading weights, and record them beside the measured ones (ftctl plan)",
+        False,
+        "predict peak memory and time before loading weights, and record them beside the measured ones (ftctl plan; "
+        "not under DeepSpeed)",
         group=TRAIN,
     )
     liger_kernel: bool | None = option(

@@ -124,7 +124,8 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
     run = dataclasses.replace(run, task=task)
     steps = engine.total_steps(args, len(encoded["train"]))
     ctx = run.context(DataFacts(len(encoded["train"]), steps))
-    prediction = plan.attempt(run, tokenizer, encoded["train"], steps) if cfg.plan and args.process_index == 0 else None
+    planned = cfg.plan and args.process_index == 0 and not run.launch.deepspeed  # ZeRO-3 builds collectively
+    prediction = plan.attempt(run, tokenizer, encoded["train"], steps) if planned else None
 
     set_seed(cfg.seed)
     kwargs = {**load_kwargs(cfg), **run.method.load_kwargs(ctx)}

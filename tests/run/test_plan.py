@@ -45,7 +45,7 @@ def test_prediction_within_15_percent_of_the_measured_peak(train, same_length, f
 
 
 def test_no_plan_records_none(train):
-    run_dir = train("--max-steps", "2", "--no-plan")
+    run_dir = train("--max-steps", "2")  # --plan is off by default
     assert run_json(run_dir)["plan"] is None
 
 
