@@ -222,13 +222,15 @@ def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: Laun
         raise FtctlError(f"invalid training settings: {reason}") from None
 
 
-def total_steps(args: TrainingArguments, train_examples: int) -> int:
-    """Optimizer steps the run will take, as the Trainer counts them (for schedules set up before training)."""
-    if args.max_steps > 0:
-        return args.max_steps
-    batches = math.ceil(train_examples / (args.per_device_train_batch_size * args.world_size))
-    per_epoch = max(batches // args.gradient_accumulation_steps, 1)
-    return math.ceil(args.num_train_epochs * per_epoch)
+def total_steps(cfg: RunConfig, world: int, train_examples: int) -> int:
+    """Optimizer steps the run will take on `world` processes, as the Trainer counts them (for schedules set up
+    before training, and the planner)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    micro, accum = batch_geometry(cfg, world)
+    batches = math.ceil(train_examples / (micro * world))
+    per_epoch = max(batches // accum, 1)
+    return math.ceil(cfg.epochs * per_epoch)
 
 
 def check_world(args: TrainingArguments) -> None:
@@ -261,6 +263,24 @@ class DropKeys:
         return self.collator([{k: v for k, v in f.items() if k not in self.keys} for f in features])
 
 
+def loss_choice(task: Task, method: Method, cuda: bool) -> lm_loss.LossChoice:
+    """The loss a run trains with: the lean LM loss (launch/lm_loss.py) for decoder LM tasks where the method
+    allows it, else the model's own."""
+    return lm_loss.choose(
+        str(getattr(task.opts, "loss_kernel", "plain")),
+        task.fit.loss_counts_items and task.fit.family == Family.DECODER,
+        method.plain_loss_reason(),
+        cuda,
+    )
+
+
+def batch_collator(task: Task, tokenizer: PreTrainedTokenizerBase, training: bool, cuda: bool) -> DropKeys:
+    """The collator of evaluation batches, or of training batches (packed for decoders with --packing), padded to
+    multiples of 8 on GPU (tensor-core friendly shapes), without the columns that are not model inputs."""
+    make = task.train_collator if training and isinstance(task, TrainsOnOtherBatches) else task.collator
+    return DropKeys(make(tokenizer, 8 if cuda else None), ("length", *task.extra_columns))
+
+
 class FtctlTrainer(Trainer):
     """The stock Trainer plus four things: the task scores predictions against the exact split evaluated, the
     method may bring its own parameter groups, evaluation keeps dataset order, and tasks that generate are
@@ -280,12 +300,7 @@ class FtctlTrainer(Trainer):
         kwargs.update(compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce)
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
-        self.loss_choice = lm_loss.choose(
-            str(getattr(task.opts, "loss_kernel", "plain")),
-            task.fit.loss_counts_items and task.fit.family == Family.DECODER,
-            method.plain_loss_reason(),
-            torch.cuda.is_available(),
-        )
+        self.loss_choice = loss_choice(task, method, torch.cuda.is_available())
         stop = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, GracefulStop)), None)
         self.health = stop.health if stop is not None else StepHealth()
         if not task.fit.loss_counts_items:
@@ -507,17 +522,12 @@ def build_trainer(
             callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    pad_multiple = 8 if torch.cuda.is_available() else None  # tensor-core friendly shapes on GPU
-    dropped = ("length", *task.extra_columns)
+    cuda = torch.cuda.is_available()
     return FtctlTrainer(
         model=model,
         args=args,
-        data_collator=DropKeys(task.collator(tokenizer, pad_multiple), dropped),
-        train_collator=(
-            DropKeys(task.train_collator(tokenizer, pad_multiple), dropped)
-            if isinstance(task, TrainsOnOtherBatches)
-            else None
-        ),
+        data_collator=batch_collator(task, tokenizer, False, cuda),
+        train_collator=batch_collator(task, tokenizer, True, cuda) if isinstance(task, TrainsOnOtherBatches) else None,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

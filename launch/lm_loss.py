@@ -86,6 +86,13 @@ def _chunk_loss(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tens
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where in the flattened batch a hidden state predicts a label: row r, position t (t < length - 1) whose next
+    token's label is not -100, as the index r * length + t."""
+    rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + positions
+
+
 def causal_lm_loss(
     model: torch.nn.Module,
     inputs: dict[str, Any],
@@ -94,10 +101,13 @@ def causal_lm_loss(
     kernel: str = "chunked",
     chunk: int = CHUNK,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The causal-LM loss of `labels` (token t predicts t + 1; -100 ignored), without full-vocabulary logits.
     `autocast`: the mixed-precision context the model's forward runs in (accelerate wraps the forward alone in it;
-    the output layer is called here, and must compute in the same precision as it would inside the forward)."""
+    the output layer is called here, and must compute in the same precision as it would inside the forward).
+    `positions`: `labelled_positions(labels)` where the caller has them (the planner's fake tensors hold no
+    labels to find them from)."""
     decoder, head, config = _parts(model)
     captured: dict[str, torch.Tensor] = {}
 
@@ -110,9 +120,9 @@ def causal_lm_loss(
     finally:
         handle.remove()
     hidden = captured["hidden"]
-    shifted = labels[:, 1:]
-    mask = shifted != -100
-    states, targets = hidden[:, :-1][mask], shifted[mask]
+    positions = labelled_positions(labels) if positions is None else positions
+    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    targets = labels.reshape(-1).index_select(0, positions + 1)
     softcap = getattr(config, "final_logit_softcapping", None)
     with autocast():  # checkpoint records it and recomputes each chunk in it during the backward pass
         if kernel == "fused":

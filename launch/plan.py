@@ -21,6 +21,7 @@ logits and temporaries they leave out are most of the peak for short-sequence en
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import sys
@@ -28,7 +29,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,13 +36,11 @@ from transformers import TrainerCallback
 
 from ftctl.errors import FtctlError, warn
 from ftctl.facts import LaunchFacts
-from ftctl.models import load_tokenizer, skeletons
+from ftctl.models import skeletons
 from launch import engine, lm_loss, runs
-from launch.cache import encode_cached
 from launch.config import resolve_values
 
 MiB = 2**20
-ADAM_STATES = 2  # exp_avg and exp_avg_sq per trainable parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,22 +148,13 @@ def _optimizer(run: runs.Run, model: torch.nn.Module, args: Any) -> torch.optim.
     return cls([g for g in groups if g["params"]], **kwargs)
 
 
-def _step(
-    run: runs.Run, model: Any, optimizer: Any, batch: dict, shape: Shape, kernel: str, tracker: Any = None
-) -> None:
+def _step(run: runs.Run, model: Any, optimizer: Any, batch: dict, shape: Shape, loss: Any) -> None:
     """One optimizer step as FtctlTrainer takes it: micro-steps (forward under autocast, loss, backward), clipping,
     the update, gradients released."""
-    for micro in range(min(shape.accumulation, 2)):  # the second micro-step already holds the first one's gradients
-        if micro and tracker is not None:
-            tracker.reset_mod_stats()  # per-module statistics only (a second forward is refused otherwise)
-        inputs = dict(batch)
+    for _ in range(min(shape.accumulation, 2)):  # the second micro-step already holds the first one's gradients
         with _autocast(shape):
-            if kernel != "plain" and "labels" in inputs:
-                labels = inputs.pop("labels")
-                loss = lm_loss.causal_lm_loss(model, inputs, labels, None, kernel, autocast=lambda: _autocast(shape))
-            else:
-                loss = model(**inputs).loss
-        loss.backward()
+            value = loss(model, batch)
+        value.backward()
     if run.cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], run.cfg.max_grad_norm)
     optimizer.step()
@@ -177,19 +166,37 @@ class _NoHook:
         pass
 
 
-def _traced(run: runs.Run, model: Any, optimizer: Any, batch: dict[str, Any], shape: Shape, kernel: str) -> Any:
+def _tracker(model: torch.nn.Module, optimizer: Any) -> Any:
+    """torch's MemTracker, made to follow a whole training step: it refuses a top-level module called a second time
+    in one forward pass (its per-module statistics would mix two calls), and a step calls them again: the model in
+    a second micro-step, the output layer once per chunk of the lean LM loss. Only the step's peak is used here, so
+    such a module's statistics start over instead. Frozen parameters, on which it cannot hook gradients, are
+    marked as hooked."""
     from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:  # and the optimizer's states exist from this first step on
-        _step(run, model, optimizer, batch, shape, kernel)
-    tracker = MemTracker()
-    for p in model.parameters():  # MemTracker hooks every parameter's gradient; frozen ones cannot take a hook
+    class StepTracker(MemTracker):
+        def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
+            again = module in self.memory_tracking and not self._mod_tracker.is_bw
+            if again and set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)} == {"Global"}:
+                del self.memory_tracking[module]
+            super()._pre_fw_hook(module, inputs)
+
+    tracker = StepTracker()
+    for p in model.parameters():
         if not p.requires_grad:
             tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
     tracker.track_external(model, optimizer)
+    return tracker
+
+
+def _traced(run: runs.Run, model: Any, optimizer: Any, batch: dict[str, Any], shape: Shape, loss: Any) -> Any:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # and the optimizer's states exist from this first step on
+        _step(run, model, optimizer, batch, shape, loss)
+    tracker = _tracker(model, optimizer)
     with tracker:
-        _step(run, model, optimizer, batch, shape, kernel, tracker)
+        _step(run, model, optimizer, batch, shape, loss)
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     micro_steps = min(shape.accumulation, 2)
     return {str(getattr(k, "value", k)): v for k, v in peak.items()}, counter.get_total_flops() / micro_steps
@@ -233,11 +240,8 @@ def _compute_like_bitsandbytes(model: torch.nn.Module, quantized: dict[int, int]
         return output.to(inputs[id(module)])
 
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.nn.Parameter) and id(weight) in quantized:
-            for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
-            quantized[id(module.weight)] = quantized.pop(id(weight))
+        if id(getattr(module, "weight", None)) in quantized:
+            module.to(dtype).requires_grad_(False)  # on the meta device: the same parameters, converted
             module.register_forward_pre_hook(cast_in)
             module.register_forward_hook(cast_out)
 
@@ -283,15 +287,13 @@ def shape_of(run: runs.Run, device: str | None = None) -> Shape:
     return Shape(micro, accum, run.launch.num_processes, precision, device)
 
 
-def longest_batch(task: Any, tokenizer: Any, encoded: Any, size: int) -> dict[str, torch.Tensor]:
-    """The training micro-batch with the longest examples, collated as training collates it."""
+def longest_batch(task: Any, tokenizer: Any, encoded: Any, size: int, device: str) -> dict[str, torch.Tensor]:
+    """The training micro-batch with the longest examples, collated as training on `device` collates it."""
     import numpy as np
 
     lengths = np.asarray(encoded["length"])
     rows = encoded.select(np.argsort(-lengths, kind="stable")[:size].tolist())
-    collate = task.train_collator(tokenizer) if hasattr(task, "train_collator") else task.collator(tokenizer)
-    dropped = ("length", *task.extra_columns)
-    batch = engine.DropKeys(collate, dropped)([rows[i] for i in range(len(rows))])
+    batch = engine.batch_collator(task, tokenizer, True, device == "cuda")([rows[i] for i in range(len(rows))])
     batch = {k: v for k, v in batch.items() if not k.startswith(engine.GENERATION_PREFIX)}
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and bool(mask.all()):
@@ -302,13 +304,23 @@ def longest_batch(task: Any, tokenizer: Any, encoded: Any, size: int) -> dict[st
 
 
 def _loss_kernel(run: runs.Run, device: str) -> str:
-    choice = lm_loss.choose(
-        str(getattr(run.task.opts, "loss_kernel", "plain")),
-        run.task.fit.loss_counts_items and run.task.fit.family.value == "decoder",
-        run.method.plain_loss_reason(),
-        device == "cuda",
-    )
-    return "chunked" if choice.kernel == "fused" else choice.kernel  # the fused kernel runs on CUDA only
+    kernel = engine.loss_choice(run.task, run.method, device == "cuda").kernel
+    return "chunked" if kernel == "fused" else kernel  # the fused kernel runs on CUDA only
+
+
+def _loss(kernel: str, shape: Shape, positions: torch.Tensor | None) -> Any:
+    """The training loss of a fake batch, as FtctlTrainer computes it: the model's own, or the lean LM loss on the
+    labelled `positions`, found in the real batch (fake tensors hold no labels to find them from)."""
+    if positions is None:
+        return lambda model, inputs: model(**inputs).loss
+
+    def lean(model: Any, inputs: dict[str, Any]) -> Any:
+        rest = {k: v for k, v in inputs.items() if k != "labels"}
+        return lm_loss.causal_lm_loss(
+            model, rest, inputs["labels"], None, kernel, autocast=lambda: _autocast(shape), positions=positions
+        )
+
+    return lean
 
 
 def _skeleton(run: runs.Run, tokenizer: Any, shape: Shape, ctx: Any) -> tuple[Any, dict[int, int], Any]:
@@ -350,21 +362,28 @@ def predict(
 
     from ftctl.facts import DataFacts
 
-    batch = longest_batch(run.task, tokenizer, encoded, shape.micro_batch)
+    batch = longest_batch(run.task, tokenizer, encoded, shape.micro_batch, shape.device)
     shape = dataclasses.replace(shape, length=int(batch["input_ids"].shape[-1]))
+    # a copy of the method: `apply` may keep what it built (AdaLoRA's model, LLRD's groups); the run's own must not
+    # hold the skeleton's
+    run = dataclasses.replace(run, method=copy.copy(run.method))
     model, quantized, quantization = _skeleton(run, tokenizer, shape, run.context(DataFacts(len(encoded), steps or 1)))
     params = list({id(p): p for p in model.parameters()}.values())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    frozen = sum(p.numel() for p in params if not p.requires_grad)
     traced_quantized = sum(p.numel() * p.element_size() for p in params if id(p) in quantized)
     largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
     args = TrainingArguments(
         output_dir="plan", learning_rate=run.cfg.learning_rate or 1e-4, weight_decay=run.cfg.weight_decay, use_cpu=True
     )
     kernel = _loss_kernel(run, shape.device)
+    lean = kernel != "plain" and "labels" in batch
+    positions = lm_loss.labelled_positions(batch["labels"]) if lean else None
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         _to_fake(model, mode)
         fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        traced, flops = _traced(run, model, _optimizer(run, model, args), fake, shape, kernel)
-        params = list({id(p): p for p in model.parameters()}.values())
+        loss = _loss(kernel, shape, None if positions is None else mode.from_tensor(positions))
+        traced, flops = _traced(run, model, _optimizer(run, model, args), fake, shape, loss)
     parts = {
         "weights": traced.get("Parameter", 0) + traced.get("Buffer", 0),
         "gradients": traced.get("Gradient", 0),
@@ -386,8 +405,8 @@ def predict(
         parts=parts,
         peak_mb=sum(parts.values()),
         offloaded_mb=offloaded,
-        trainable=sum(p.numel() for p in params if p.requires_grad),
-        frozen=sum(p.numel() for p in params if not p.requires_grad),
+        trainable=trainable,
+        frozen=frozen,
         quantized=sum(quantized.values()),
         logits_mb=tokens * vocab * (4 if shape.precision == "fp32" or kernel == "plain" else 2) / MiB,
         flops_per_step=float(flops) * shape.accumulation * shape.processes,
@@ -437,6 +456,20 @@ def _live_bytes(model: torch.nn.Module, optimizer: Any) -> int:
     return sum(storages.values())
 
 
+def window_peak(events: list[dict[str, Any]]) -> int:
+    """The most CPU memory allocated at once during a profiler window, over what was allocated when it began, from
+    the trace's memory events. Their running total is c10's process-wide count of blocks allocated while any
+    profiler recorded memory: a block allocated in an earlier window and freed after it stays counted, so the
+    total at the window's start is subtracted."""
+    memory = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0), key=lambda e: e["ts"]
+    )
+    if not memory:
+        return 0
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(0, max(e["args"]["Total Allocated"] for e in memory) - start)
+
+
 class AllocationProbe(TrainerCallback):
     """The measured side of the prediction on the CPU, where torch keeps no allocator statistics: the allocator's
     peak over one optimizer step shaped as the planned one (micro-batches of the longest length, after the first
@@ -476,17 +509,19 @@ class AllocationProbe(TrainerCallback):
         with tempfile.NamedTemporaryFile(suffix=".json") as trace:
             self.profiler.export_chrome_trace(trace.name)
             events = json.loads(Path(trace.name).read_text(encoding="utf-8"))["traceEvents"]
-        totals = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"]
-        self.measured_mb = (self.live + max(totals, default=0)) / MiB
+        self.measured_mb = (self.live + window_peak(events)) / MiB
         self.profiler = None
         self.seconds = time.perf_counter() - self.seconds
 
 
 def attempt(run: runs.Run, tokenizer: Any, encoded: Any, steps: int) -> Prediction | None:
-    """The run's own prediction (`--plan`, on by default): never a reason for the run to fail."""
+    """The run's own prediction (`--plan`): a user error it meets (a method's refusal) is the run's own, raised as
+    training would raise it; what the tracer cannot follow is said in a warning, and the run trains on."""
     try:
         shape = shape_of(run)
         return predict(run, tokenizer, encoded, shape, steps)
+    except FtctlError:
+        raise
     except Exception as exc:  # noqa: BLE001  a model or method the tracer cannot follow: say so, train anyway
         warn(f"no memory and time prediction for this run ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
         return None
@@ -586,21 +621,13 @@ def suggestion(run: runs.Run, tokenizer: Any, encoded: Any, limit_mb: float, dev
 def prepared(run: runs.Run) -> tuple[runs.Run, Any, Any, int]:
     """The run bound to its tokenizer and training data as training binds it, its tokenized training split (from
     the same cache training reads) and the optimizer steps it will take."""
-    tokenizer = load_tokenizer(run.model_ref, run.cfg.trust_remote_code)
-    run.task.prepare_tokenizer(tokenizer, run.family)
-    data = run.task.load()
-    task = run.task.bind(state=run.task.check_data(data.splits, training=True), tokenizer=tokenizer)
-    encoded = encode_cached(task, data.splits["train"], tokenizer, run.cfg.token_cache)
-    micro, accum = engine.batch_geometry(run.cfg, run.launch.num_processes)
-    geometry = SimpleNamespace(
-        max_steps=run.cfg.max_steps or -1,
-        per_device_train_batch_size=micro,
-        world_size=run.launch.num_processes,
-        gradient_accumulation_steps=accum,
-        num_train_epochs=run.cfg.epochs,
+    run, tokenizer, _, encoded = runs.with_data(run, ("train",))
+    return (
+        run,
+        tokenizer,
+        encoded["train"],
+        engine.total_steps(run.cfg, run.launch.num_processes, len(encoded["train"])),
     )
-    steps = engine.total_steps(geometry, len(encoded))  # type: ignore[arg-type]  # the fields it reads
-    return dataclasses.replace(run, task=task), tokenizer, encoded, steps
 
 
 SHORT = {"weights": "weights", "gradients": "grads", "optimizer": "optim", "activations": "activ"}
@@ -656,13 +683,20 @@ def plan_options(prog: str) -> Any:
     return parser
 
 
+def checked(opts: dict[str, Any]) -> dict[str, Any]:
+    """The plan options checked, with `limit_mb` (from --gpu-memory, or None) for what follows."""
+    if opts["tflops"] is not None and opts["tflops"] <= 0:
+        raise FtctlError(f"--tflops must be positive, got {opts['tflops']}")
+    return {**opts, "limit_mb": parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None}
+
+
 def plan_run(run: runs.Run, label: str, opts: dict[str, Any]) -> dict[str, Any]:
     """One run's table row: its prediction, whether it fits `--gpu-memory`, and if not, what would."""
     run, tokenizer, encoded, steps = prepared(run)
-    device = opts.get("device") or ("cuda" if opts.get("gpu_memory") else run.launch.device)
-    limit = parse_size(opts["gpu_memory"]) if opts.get("gpu_memory") else None
+    limit = opts["limit_mb"]
+    device = opts["device"] or ("cuda" if limit is not None else run.launch.device)
     try:
-        prediction = predict(run, tokenizer, encoded, shape_of(run, device), steps, opts.get("tflops"))
+        prediction = predict(run, tokenizer, encoded, shape_of(run, device), steps, opts["tflops"])
     except Exception as exc:  # noqa: BLE001  an operation fake tensors cannot run (a data-dependent check)
         return {"run": label, "advice": f"not predicted: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     advice = ""
@@ -679,12 +713,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     quiet()
     quiet_transformers()
     argv = list(sys.argv[1:] if argv is None else argv)
-    opts, rest = plan_options("ftctl plan").parse_known_args(argv)
-    opts = vars(opts)
-    if opts["tflops"] is not None and opts["tflops"] <= 0:
-        raise FtctlError(f"--tflops must be positive, got {opts['tflops']}")
-    if opts["gpu_memory"]:
-        parse_size(opts["gpu_memory"])
+    known, rest = plan_options("ftctl plan").parse_known_args(argv)
+    opts = checked(vars(known))
     run = runs.from_argv(rest, "ftctl plan")
     rows = [plan_run(run, f"{run.cfg.task} / {run.method.variant}", opts)]
     finish(rows, opts)
@@ -692,8 +722,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def finish(rows: list[dict[str, Any]], opts: dict[str, Any]) -> None:
-    show(rows, parse_size(opts["gpu_memory"]) if opts.get("gpu_memory") else None)
-    if opts.get("json"):
+    show(rows, opts["limit_mb"])
+    if opts["json"]:
         Path(opts["json"]).write_text(json.dumps(rows, indent=1, default=str) + "\n", encoding="utf-8")
 
 

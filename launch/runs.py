@@ -26,11 +26,12 @@ from ftctl.facts import DataFacts, LaunchFacts
 from ftctl.models import check_precision, load_config, load_tokenizer, model_family, resolve_model
 from ftctl.vocab import Family
 from launch import configs, tracking
+from launch.cache import encode_cached
 from launch.config import Resolved, resolve, resolve_values, stored_values
 from launch.rundir import RUN_FILE, SPEC_FILE, read_json
 from methods.base import Context, Method
 from tasks import TASKS
-from tasks.base import Task
+from tasks.base import LoadedData, Task
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,18 @@ def load(
     run = Run(cfg, task, resolved.method, resolved.explicit, model_ref, model_config, family, launch)
     run.method.check(run.context())
     return run
+
+
+def with_data(run: Run, splits: tuple[str, ...] | None = None) -> tuple[Run, Any, LoadedData, dict[str, Any]]:
+    """The run bound, as training binds it, to its prepared tokenizer and to what its training data taught the task
+    (label names, ...); with the data and its tokenized splits (`splits`, default all; from the token cache)."""
+    tokenizer = load_tokenizer(run.model_ref, run.cfg.trust_remote_code)
+    run.task.prepare_tokenizer(tokenizer, run.family)
+    data = run.task.load()
+    task = run.task.bind(state=run.task.check_data(data.splits, training=True), tokenizer=tokenizer)
+    wanted = {n: d for n, d in data.splits.items() if splits is None or n in splits}
+    encoded = {name: encode_cached(task, ds, tokenizer, run.cfg.token_cache) for name, ds in wanted.items()}
+    return replace(run, task=task), tokenizer, data, encoded
 
 
 def check_not_another_tasks_run(model_ref: str, task: Task) -> None:

@@ -7,7 +7,6 @@ score the validation (and test) split; stage the final model and record the run,
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
 import signal
@@ -25,9 +24,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ftctl.errors import FtctlError, run_main, warn
 from ftctl.facts import DataFacts
-from ftctl.models import load_kwargs, load_tokenizer
+from ftctl.models import load_kwargs
 from launch import engine, plan, record, rundir, runs
-from launch.cache import encode_cached
 from launch.config import default_output_dir
 from launch.console import console, show_pairs
 from launch.dropout import use_cpu_dropout
@@ -113,16 +111,12 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
     quiet_transformers()
     args = engine.training_arguments(cfg, run.task, cfg.output_dir, run.launch)
     engine.check_world(args)
-    tokenizer = load_tokenizer(run.model_ref, cfg.trust_remote_code)
-    run.task.prepare_tokenizer(tokenizer, run.family)
     # The main process reads (hub downloads land in the datasets cache) and tokenizes first; the others then find
     # both in the caches instead of repeating the work (and `--ddp-timeout` bounds how long they wait).
     with args.main_process_first(desc="loading and tokenizing the data"):
-        data = run.task.load()
-        task = run.task.bind(state=run.task.check_data(data.splits, training=True), tokenizer=tokenizer)
-        encoded = {name: encode_cached(task, ds, tokenizer, cfg.token_cache) for name, ds in data.splits.items()}
-    run = dataclasses.replace(run, task=task)
-    steps = engine.total_steps(args, len(encoded["train"]))
+        run, tokenizer, data, encoded = runs.with_data(run)
+    task = run.task
+    steps = engine.total_steps(cfg, args.world_size, len(encoded["train"]))
     ctx = run.context(DataFacts(len(encoded["train"]), steps))
     planned = cfg.plan and args.process_index == 0 and not run.launch.deepspeed  # ZeRO-3 builds collectively
     prediction = plan.attempt(run, tokenizer, encoded["train"], steps) if planned else None

@@ -207,7 +207,7 @@ def plan_main(argv: list[str]) -> list[dict[str, Any]]:
     quiet()
     parser = plan.plan_options("ftctl plan")
     parser.add_argument("grid", metavar="GRID.yaml")
-    opts = parser.parse_strict(argv)
+    opts = plan.checked(parser.parse_strict(argv))
     spec = load_spec(grid_file(opts["grid"]))
     accelerate = cell_launcher(_launch_options(spec, {}))
     known: dict[str, Any] = {}
@@ -218,7 +218,8 @@ def plan_main(argv: list[str]) -> list[dict[str, Any]]:
         if key in seen:
             continue
         seen.add(key)
-        label = cell.id.rsplit("__seed", 1)[0] if len(spec.seeds) > 1 else cell.id
+        labels = cell.labels()
+        label = cell.id if len(spec.seeds) == 1 else "__".join(str(labels[k]) for k in ("model", "task", "method"))
         resolved = resolve_values(dict(cell.values))
         try:
             run = runs.load(resolved, runs.launch_facts(resolved.cfg, {}, accelerate), known=known)

@@ -44,6 +44,47 @@ def test_prediction_within_15_percent_of_the_measured_peak(train, same_length, f
     assert predicted["rate_tflops"] > 0 and recorded["error"]["train_time"] is not None
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_decoder_lm_with_the_lean_loss_and_accumulation(same_length, method, tmp_path):
+    """A decoder answering in text (Llama-3 chat layout) trains with the lean LM loss, whose labelled positions
+    fake tensors cannot find and whose output layer runs once per chunk; two micro-steps accumulate gradients."""
+    import chat_models
+
+    from launch.train import main
+
+    model = chat_models.save_chat_model("llama3", tmp_path / "llama3")
+    run_dir = tmp_path / method
+    extra = ["--micro-batch-size", "4", "--max-length", "96", "--report-to", "none"]
+    main(["--task", "sst2_t2t", "--method", method, "--model", str(model), *same_length, "--output-dir", str(run_dir),
+          *SHORT, *extra])  # fmt: skip
+    record = run_json(run_dir)
+    assert record["loss_kernel"]["used"] == "chunked"
+    plan = record["plan"]
+    assert plan["predicted"]["shape"]["accumulation"] == 2
+    assert abs(plan["error"]["peak_memory"]) <= 0.15, (plan["predicted"]["parts_mb"], plan["measured"])
+
+
+def test_probe_is_not_skewed_by_an_earlier_window():
+    """The CPU probe, twice in one process: a block allocated inside the first profiled window outlives it (c10
+    keeps counting it); the second window still measures its own peak (4 MiB over the live weights)."""
+    import torch
+
+    from launch.plan import AllocationProbe, Shape
+
+    model = torch.nn.Linear(64, 64)
+    live = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    kept = []
+    for _ in range(2):
+        probe = AllocationProbe(Shape(1, 1, 1, "fp32", "cpu", length=4))
+        probe.armed = True
+        probe.on_step_begin(None, None, None, model=model, optimizer=None)
+        scratch = torch.ones(1024, 1024)  # 4 MiB, freed within the window
+        del scratch
+        kept.append(torch.ones(256, 1024))  # 1 MiB allocated in the window, alive after it
+        probe.on_step_end(None, None, None)
+        assert probe.measured_mb == pytest.approx(live + 4, abs=0.05)
+
+
 def test_no_plan_records_none(train):
     run_dir = train("--max-steps", "2")  # --plan is off by default
     assert run_json(run_dir)["plan"] is None
