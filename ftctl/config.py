@@ -98,7 +98,7 @@ class RunConfig:
     gradient_checkpointing: bool = option(False, "recompute activations to save memory", group=TRAIN)
     compile: bool = option(False, "torch.compile the model (pays off on long GPU runs)", group=TRAIN)
     plan: bool = option(
-        False,
+        True,
         "predict peak memory and time before loading weights, and record them beside the measured ones (ftctl plan; "
         "not under DeepSpeed)",
         group=TRAIN,

@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 from ftctl.errors import FtctlError, warn
 from ftctl.facts import LaunchFacts
 from ftctl.models import skeletons
-from launch import engine, lm_loss, runs
+from launch import engine, lm_loss, rundir, runs
 from launch.config import resolve_values
 
 MiB = 2**20
@@ -687,6 +687,8 @@ def checked(opts: dict[str, Any]) -> dict[str, Any]:
     """The plan options checked, with `limit_mb` (from --gpu-memory, or None) for what follows."""
     if opts["tflops"] is not None and opts["tflops"] <= 0:
         raise FtctlError(f"--tflops must be positive, got {opts['tflops']}")
+    if opts["json"] and not Path(opts["json"]).resolve().parent.is_dir():
+        raise FtctlError(f"--json {opts['json']}: its folder does not exist; create it or give another path")
     return {**opts, "limit_mb": parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None}
 
 
@@ -724,7 +726,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def finish(rows: list[dict[str, Any]], opts: dict[str, Any]) -> None:
     show(rows, opts["limit_mb"])
     if opts["json"]:
-        Path(opts["json"]).write_text(json.dumps(rows, indent=1, default=str) + "\n", encoding="utf-8")
+        rundir.write_json(Path(opts["json"]), rows)
 
 
 if __name__ == "__main__":

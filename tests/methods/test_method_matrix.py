@@ -74,7 +74,7 @@ REFUSED: dict[str, dict[str, set[str]]] = {
 MERGEABLE = {"lora", "rslora", "dora", "qlora", "qlora8", "adalora", "ia3"}
 
 # A few optimizer steps per cell; soft prompts move the loss more slowly and get more steps and a higher rate.
-QUICK = ["--batch-size", "8", "--logging-steps", "4", "--report-to", "none", "--eval-on-start"]
+QUICK = ["--batch-size", "8", "--logging-steps", "4", "--report-to", "none", "--eval-on-start", "--no-plan"]
 STEPS = {"prompt_tuning": 36, "p_tuning": 36, "prefix_tuning": 36, "p_tuning_v2": 36}
 RATE = {"prompt_tuning": "3e-2", "p_tuning": "1e-2", "prefix_tuning": "1e-2", "p_tuning_v2": "1e-2"}
 EXTRA = {"adapter": ["--adapter-size", "8"]}

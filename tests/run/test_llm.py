@@ -17,7 +17,7 @@ from test_bad_input import check_error
 
 from ftctl.errors import FtctlError, run_main
 
-FAST = ["--epochs", "2", "--batch-size", "8", "--learning-rate", "5e-3", "--report-to", "none",
+FAST = ["--epochs", "2", "--batch-size", "8", "--learning-rate", "5e-3", "--report-to", "none", "--no-plan",
         "--save-strategy", "no", "--eval-strategy", "no"]  # fmt: skip
 
 

@@ -86,7 +86,7 @@ def test_probe_is_not_skewed_by_an_earlier_window():
 
 
 def test_no_plan_records_none(train):
-    run_dir = train("--max-steps", "2")  # --plan is off by default
+    run_dir = train("--max-steps", "2", "--no-plan")
     assert run_json(run_dir)["plan"] is None
 
 
@@ -172,6 +172,7 @@ def test_plan_cli_grid(models, data, tmp_path):
     [
         (["--gpu-memory", "huge"], "is not a size"),
         (["--tflops", "0"], "--tflops must be positive"),
+        (["--json", "/nonexistent/dir/plan.json"], "its folder does not exist"),
         (["--method", "nope"], "unknown method"),
     ],
 )

@@ -20,7 +20,7 @@ from ftctl.errors import FtctlError
 from launch.studies import grid
 from launch.studies import search as searching
 
-FAST = {"epochs": 1, "batch_size": 16, "logging_steps": 4, "report_to": "none", "save_total_limit": 1}
+FAST = {"epochs": 1, "batch_size": 16, "logging_steps": 4, "report_to": "none", "save_total_limit": 1, "plan": False}
 
 
 def write_grid(path: Path, models: dict, data: dict, **extra) -> Path:

@@ -39,7 +39,7 @@ def test_search_prunes_resumes_and_gives_every_seed_the_chosen_rate(models, data
                         "validation_split": 0.3,
                     },
                 },
-                "settings": {"epochs": 3, "batch_size": 16, "report_to": "none", "save_total_limit": 1},
+                "settings": {"epochs": 3, "batch_size": 16, "report_to": "none", "save_total_limit": 1, "plan": False},
                 "output_dir": str(out),
             }
         )

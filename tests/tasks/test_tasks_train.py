@@ -14,6 +14,7 @@ from ftctl.errors import run_main
 
 FAST = [
     "--epochs", "3", "--batch-size", "8", "--logging-steps", "4", "--report-to", "none", "--learning-rate", "5e-3",
+    "--no-plan",
     "--save-total-limit", "1", "--eval-on-start",
 ]  # fmt: skip
 GENERATION = ["--max-length", "96", "--max-target-length", "8", "--max-new-tokens", "4"]
