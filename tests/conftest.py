@@ -119,6 +119,15 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.C
     return subprocess.run(exe, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout, env=env)
 
 
+def free_port() -> int:
+    """A TCP port free now: each multi-process launch of the tests gets its own (pytest workers launch at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def eval_losses(run_dir: Path) -> list[float]:
     return [h["eval_loss"] for h in run_json(run_dir)["history"] if "eval_loss" in h]
 

@@ -6,25 +6,18 @@ whose peer never comes); `make test-slow` adds ZeRO-2, full fine-tuning under Ze
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, read_jsonl, run_json
+from conftest import cli, free_port, read_jsonl, run_json
 
 from ftctl.errors import run_main
 
 pytestmark = pytest.mark.distributed  # every test here starts several training processes
 
 TOLERANCE = 1e-4  # relative: the same sums reduced in another order (gloo all-reduce vs one process)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, cli, data_args
+from conftest import REPO, cli, data_args, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -31,6 +31,7 @@ def test_every_shipped_config_trains_or_is_refused_in_one_line(config, models, d
     if name == "multi_node":
         launch += ["--num-machines", "2", "--machine-rank", "0", "--main-process-ip", "127.0.0.1",
                    "--rendezvous-timeout", "10"]  # fmt: skip
+    launch += ["--main-process-port", str(free_port())]  # not accelerate's 29500: other workers launch meanwhile
     argv = ["ftctl", "train", *launch, "--num-processes", "2", "--task", "sst2", "--method", "lora",
             "--model", str(models["bert"]), *data_args(data), "--max-steps", "2", "--report-to", "none",
             "--eval-strategy", "no", "--save-strategy", "no", "--output-dir", str(out)]  # fmt: skip
