@@ -20,11 +20,12 @@ test: setup
 	$(BIN)/python -m pytest -n 2 -q
 
 # Slow tests: multi-process and real-model checks.
+# (--dist loadgroup: tests sharing an xdist_group share a worker, and a module fixture computed once)
 test-slow: setup
-	$(BIN)/python -m pytest -n 2 -q -m slow
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m slow
 
 test-all: setup
-	$(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "slow or not slow"
 
 # ruff; the layer contract (import-linter, pyproject.toml); the type checker over the kernel and the run layer
 lint: setup

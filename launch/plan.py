@@ -580,7 +580,12 @@ def parse_size(text: str) -> float:
 
 def needed_mb(prediction: Prediction) -> float:
     """What the run needs of a GPU: the predicted allocation with the allocator's margin, and the CUDA context."""
-    return prediction.peak_mb * FRAGMENTATION + CUDA_CONTEXT_MB
+    return gpu_need_mb(prediction.peak_mb)
+
+
+def gpu_need_mb(peak_mb: float) -> float:
+    """What a process whose allocation peaks at `peak_mb` needs of a GPU (its margin and CUDA context added)."""
+    return peak_mb * FRAGMENTATION + CUDA_CONTEXT_MB
 
 
 def remedies(run: runs.Run) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -33,7 +33,9 @@ from launch.configs import RECIPES
 from launch.quiet import quiet
 from launch.studies import report
 from launch.studies import search as searching
+from launch.studies.executors import RETRIES, Machine, RayCluster
 from launch.studies.runner import CONFIGS, GRID_FILE, LOGS, SPEC_COPY, CellsFailed, Runner, cell_launcher
+from launch.studies.runner import needs as cell_needs
 from launch.studies.runner import plan as plan_cells
 from launch.studies.spec import FAILED, FINAL, REFUSED, TRAINED, GridSpec, expand, load_spec
 
@@ -70,6 +72,35 @@ def build_parser() -> Any:
         help="accelerate config: a file in accelerate_configs/ (without .yaml) or a path",
     )
     group.add_argument("--num-processes", type=int, metavar="N", help="processes per cell")
+    where = parser.add_argument_group("where cells run (README, 'Scaling out')")
+    where.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="run up to N cells at once on this machine, each on GPUs of its own, or its share of the CPU cores "
+        "(default 1)",
+    )
+    where.add_argument(
+        "--executor", choices=("local", "ray"), default="local", help="local (this machine) or ray (a Ray cluster)"
+    )
+    where.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster (HOST:6379, ray://HOST:10001, auto); default: a local one",
+    )
+    where.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="memory per GPU the cells may use (16GiB): a cell predicted not to fit stops the grid before it starts",
+    )
+    where.add_argument(
+        "--retries",
+        type=int,
+        default=RETRIES,
+        metavar="N",
+        help=f"a cell whose process or node is killed runs again, from its checkpoint, at most N times (default "
+        f"{RETRIES})",
+    )
     return parser
 
 
@@ -138,32 +169,75 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = build_parser().parse_strict(argv)
     if opts["max_cells"] is not None and opts["max_cells"] < 1:
         raise FtctlError(f"--max-cells must be at least 1, got {opts['max_cells']}")
+    _check_executor_options(opts)
     spec = load_spec(grid_file(opts["grid"]))
     launch_options = _launch_options(spec, opts)
     grid_dir = _grid_dir(spec, opts["output_dir"])
     cells = expand(spec)
     found = searching.searches(spec, cells, grid_dir)
     searching.apply_known(found)  # values chosen by an earlier run of the grid, before planning compares cells
-    plan_cells(spec, cells, grid_dir, launch_options)
+    loaded = plan_cells(spec, cells, grid_dir, launch_options)
     command = ["ftctl", "grid", *argv]
-    runner = Runner(spec, cells, grid_dir, launch_options, command, found)
-
-    console = Console(highlight=False)
     if opts["dry_run"]:
-        state = runner.state()
-        for item in runner.searches:
-            chosen = f"chosen: {item.cells[0].searched}" if item.cells[0].searched else f"{item.size()} trials"
-            print(f"search {item.key}: {item.space} ({chosen}; scored on a split of the training data)")
-        for cell in cells:
-            print(f"{cell.id}: {cell.status}" + (f" ({cell.error})" if cell.status == REFUSED else ""))
-            if cell.status not in FINAL:
-                if cell.status != TRAINED:
-                    print(f"    {shlex.join(runner.train_command(cell))}")
-                evaluate = runner.evaluate_args(cell)
-                print(f"    ftctl evaluate {shlex.join(evaluate)}  (in the grid's process)")
-                if "--baseline" in evaluate:  # as the run would: the first cell of a (model, task) scores it
-                    runner.baselines[cell.baseline_key] = cell.id
-        return state
+        return _dry_run(Runner(spec, cells, grid_dir, launch_options, command, found))
+    executor = _executor(opts, grid_dir)
+    try:
+        limit = plan.parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None
+        # predicted memory packs cells onto GPUs (or the host's memory) when several run at once
+        predict = isinstance(executor, RayCluster) or executor.jobs > 1
+        needs = cell_needs(cells, loaded, executor, limit, predict)
+        runner = Runner(spec, cells, grid_dir, launch_options, command, found, executor, needs, opts["retries"])
+        return _run(runner, opts, console=Console(highlight=False))
+    finally:
+        if isinstance(executor, RayCluster):
+            executor.shutdown()
+
+
+def _check_executor_options(opts: dict[str, Any]) -> None:
+    if opts["jobs"] is not None and opts["jobs"] < 1:
+        raise FtctlError(f"--jobs must be at least 1, got {opts['jobs']}")
+    if opts["jobs"] is not None and opts["executor"] == "ray":
+        raise FtctlError("--jobs is for the local executor; on Ray the cells' resources decide how many run at once")
+    if opts["ray_address"] and opts["executor"] != "ray":
+        raise FtctlError("--ray-address needs --executor ray")
+    if opts["retries"] < 0:
+        raise FtctlError(f"--retries must be 0 or more, got {opts['retries']}")
+    if opts["gpu_memory"]:
+        plan.parse_size(opts["gpu_memory"])
+
+
+def _executor(opts: dict[str, Any], grid_dir: Path) -> Machine | RayCluster:
+    """This machine, or the Ray cluster (connected, and checked to share the grid directory). A grid directory made
+    only for that check is removed when the check fails."""
+    limit = plan.parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None
+    if opts["executor"] != "ray":
+        return Machine(opts["jobs"] or 1, limit)
+    existed = grid_dir.exists()
+    try:
+        return RayCluster(opts["ray_address"], grid_dir, opts["retries"])
+    except FtctlError:
+        if not existed and grid_dir.is_dir() and not any(grid_dir.iterdir()):
+            grid_dir.rmdir()
+        raise
+
+
+def _dry_run(runner: Runner) -> dict[str, Any]:
+    state = runner.state()
+    for item in runner.searches:
+        chosen = f"chosen: {item.cells[0].searched}" if item.cells[0].searched else f"{item.size()} trials"
+        print(f"search {item.key}: {item.space} ({chosen}; scored on a split of the training data)")
+    for cell in runner.cells:
+        print(f"{cell.id}: {cell.status}" + (f" ({cell.error})" if cell.status == REFUSED else ""))
+        if cell.status not in FINAL:
+            if cell.status != TRAINED:
+                print(f"    {shlex.join(runner.train_command(cell))}")
+            # as the run would: the first cell of a (model, task) scores its baseline
+            print(f"    ftctl evaluate {shlex.join(runner.evaluate_args(cell))}")
+    return state
+
+
+def _run(runner: Runner, opts: dict[str, Any], console: Any) -> dict[str, Any]:
+    spec, cells, grid_dir = runner.spec, runner.cells, runner.dir
 
     grid_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(grid_dir / LOCK):

@@ -5,7 +5,6 @@ after every step; signals checkpoint the running cell."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import json
@@ -14,9 +13,9 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,26 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ftctl.errors import FtctlError
 from ftctl.models import load_config, resolve_model
-from launch import configs, launcher, rundir, runs
+from launch import configs, rundir, runs
+from launch import plan as planner
 from launch.config import resolve_values
 from launch.evaluate import main as evaluate
 from launch.progress import EVENTS_FILE, last_event
 from launch.quiet import quiet_transformers
 from launch.studies import search as searching
 from launch.studies.display import Display
+from launch.studies.executors import (
+    RETRIES,
+    Machine,
+    Need,
+    ProcessJob,
+    RayCluster,
+    Slot,
+    cell_command,
+    evaluate_command,
+    killed,
+    resume_flag,
+)
 from launch.studies.spec import DONE, EXCLUDED, FAILED, FINAL, INTERRUPTED, REFUSED, TRAINED, Cell, GridSpec
 from tasks import TASKS
 from tasks.base import Prompted
@@ -68,14 +80,16 @@ class GridStopped(FtctlError):
 
 
 # ---- planning: check everything before writing anything ------------------------------------------------------
-def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, launch_options: dict[str, Any]) -> None:
+def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, launch_options: dict[str, Any]) -> dict[str, runs.Run]:
     """Load every cell as training would (launch.runs: the same checks, the launch facts of the grid's launcher
     options, each model's config read once), mark the combinations a method or task refuses, and find what is
-    already on disk (finished, interrupted, changed since it ran). Writes nothing."""
+    already on disk (finished, interrupted, changed since it ran). Writes nothing; returns the cells to train, loaded
+    (what the executor's needs are predicted from)."""
 
     quiet_transformers()
     accelerate = cell_launcher(launch_options)
     known: dict[str, Any] = {}  # model configs, read once per model: a model that cannot be read stops the grid
+    loaded: dict[str, runs.Run] = {}
     for model in spec.models:
         ref = resolve_model(model.name)
         known[ref] = load_config(ref, bool(model.options.get("trust_remote_code")))
@@ -96,6 +110,7 @@ def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, launch_options: dict
         except FtctlError as exc:
             cell.status, cell.error = REFUSED, str(exc)
             continue
+        loaded[cell.id] = run
         if run_dir.exists() and any(run_dir.iterdir()):
             if not rundir.is_ftctl_dir(run_dir):
                 raise FtctlError(
@@ -103,6 +118,42 @@ def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, launch_options: dict
                 )
             cell.resume = _resumable(cell, run, run_dir)
             cell.status = INTERRUPTED
+    return loaded
+
+
+def needs(
+    cells: list[Cell], loaded: dict[str, runs.Run], executor: Any, gpu_memory_mb: float | None, predict: bool
+) -> dict[str, Need]:
+    """What each cell to run asks of the executor: its processes and, where `predict`, its predicted memory per
+    process (`ftctl plan`'s prediction, for the executor's device; cells differing only in their seed share it).
+    A cell that does not fit `--gpu-memory`, or needs more GPUs than any node has, stops the grid here, with what
+    would make it fit."""
+
+    out: dict[str, Need] = {}
+    predicted: dict[str, dict[str, Any]] = {}
+    device = "cuda" if gpu_memory_mb is not None else executor.device
+    options = {"limit_mb": gpu_memory_mb, "device": device, "tflops": None}
+    for cell in cells:
+        run = loaded.get(cell.id)
+        if cell.status in FINAL or run is None:
+            continue
+        memory = None
+        if predict or gpu_memory_mb is not None:
+            key = json.dumps({k: v for k, v in cell.values.items() if k != "seed"}, sort_keys=True, default=str)
+            if key not in predicted:
+                predicted[key] = planner.plan_run(run, cell.id, options)
+            row = predicted[key]
+            if row.get("fits") == "no":
+                raise FtctlError(
+                    f"cell {cell.id} needs {planner.gpu_need_mb(row['peak']) / 1024:.1f} GiB per GPU, more than "
+                    f"--gpu-memory {(gpu_memory_mb or 0) / 1024:.1f} GiB: {row['advice']}; change it in the grid file"
+                )
+            if "peak" in row:
+                memory = planner.gpu_need_mb(row["peak"]) if device == "cuda" else float(row["peak"])
+        need = Need(run.launch.num_processes if cell.status != TRAINED else 1, memory)
+        executor.check(cell.id, need)
+        out[cell.id] = need
+    return out
 
 
 def cell_launcher(launch_options: dict[str, Any]) -> dict[str, Any]:
@@ -181,8 +232,21 @@ def failure_line(log: Path, code: int) -> str:
     return f"exit code {code}; see {log}"
 
 
+@dataclasses.dataclass
+class Active:
+    """A running cell: its current process (a `ProcessJob`, or its Ray task), where it runs, its scoring arguments,
+    and the exit code of a scoring done in this process."""
+
+    cell: Cell
+    job: Any
+    slot: Slot | None = None
+    args: list[str] = dataclasses.field(default_factory=list)
+    code: int | None = None
+
+
 class Runner:
-    """Runs a grid's cells one after the other, each as a subprocess, and keeps grid.json and the display current."""
+    """Runs a grid's cells through an executor (this machine, N cells at a time, or a Ray cluster), each cell as
+    subprocesses, and keeps grid.json and the display current."""
 
     def __init__(
         self,
@@ -192,8 +256,19 @@ class Runner:
         launch_options: dict[str, Any],
         command: list[str],
         searches: list[searching.Search] | None = None,
+        executor: Machine | RayCluster | None = None,
+        needs: dict[str, Need] | None = None,
+        retries: int = RETRIES,
     ):
         self.spec, self.cells, self.dir = spec, cells, grid_dir
+        self.executor = executor or Machine(1, gpus=[])
+        self.needs = needs or {}
+        self.retries = retries
+        # one cell at a time on this machine: scored in this process (no second start of torch)
+        self.inline = isinstance(self.executor, Machine) and self.executor.jobs == 1
+        self.active: dict[str, Active] = {}
+        self.ended: list[Cell] = []
+        self.claims: dict[str, str] = {}  # baseline key -> the cell whose scoring includes the baseline
         # searches whose cells can still run (planning may have refused them all)
         self.searches = [s for s in searches or [] if any(c.status != REFUSED for c in s.cells)]
         self.search_records: dict[str, Any] = {  # what earlier runs of the grid searched, kept in grid.json
@@ -203,7 +278,6 @@ class Runner:
         self.command = command
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.clock = time.time()
-        self.proc: subprocess.Popen | None = None
         self.signals: list[int] = []
         self.baselines: dict[str, str] = {}  # baseline key -> cell whose eval.json holds the baseline
         finished = [c for c in cells if c.status == DONE]
@@ -264,6 +338,7 @@ class Runner:
                 for s in self.searches
             },
             "launcher": self.launch_options if self.launch_options else None,
+            "executor": self.executor.describe(),
             "axes": {
                 "models": {m.label: m.name for m in self.spec.models},
                 "tasks": {t.label: t.name for t in self.spec.tasks},
@@ -284,6 +359,8 @@ class Runner:
                     "running": c.stage,  # train or evaluate while it runs, else null
                     "error": c.error,
                     "attempts": c.attempts,
+                    "where": c.where,
+                    "predicted_memory_mb": self.needs[c.id].memory_mb if c.id in self.needs else None,
                     "seconds": c.seconds,
                     "baseline_key": c.baseline_key,
                     "baseline_cell": self.baselines.get(c.baseline_key)
@@ -300,40 +377,44 @@ class Runner:
     def save(self) -> None:
         rundir.write_json(self.dir / GRID_FILE, self.state())
 
-    # ---- one cell --------------------------------------------------------------------------------------------
-    def _env(self, cell: Cell) -> dict[str, str]:
+    # ---- one cell ----------------------------------------------------------------------------------------------
+    def _env(self, cell: Cell, slot: Slot | None = None) -> dict[str, str]:
         extra = {"COLUMNS": os.environ.get("COLUMNS", "160")}
         if "mlflow" in (cell.values.get("report_to") or []):  # every cell in one experiment, the axes as tags
             tags = {"ftctl.grid": self.spec.name, **{f"ftctl.grid.{k}": str(v) for k, v in cell.labels().items()}}
             extra.update(MLFLOW_EXPERIMENT_NAME=self.spec.name, MLFLOW_TAGS=json.dumps(tags))
+        if slot is not None and isinstance(self.executor, Machine):
+            extra.update(slot.environment(self.executor.names, split=self.executor.jobs > 1))
         return configs.child_environment(extra)
 
-    def train_command(self, cell: Cell) -> list[str]:
-        argv = ["--config", str(self.dir / CONFIGS / f"{cell.id}.yaml"), "--output-dir", str(self.dir / cell.id)]
-        if cell.status == INTERRUPTED:
-            argv.append("--resume" if cell.resume else "--overwrite")
-        return self._launch(argv)
+    def _train_argv(self, cell: Cell) -> list[str]:
+        return ["--config", str(self.dir / CONFIGS / f"{cell.id}.yaml"), "--output-dir", str(self.dir / cell.id)]
 
-    def _launch(self, argv: list[str]) -> list[str]:
-        if self.launch_options:
-            options = {"rendezvous_timeout": 300, **self.launch_options}
-            return launcher.build_command(options, argv)
-        return [sys.executable, "-m", "launch.train", *argv]
+    def _first_flag(self, cell: Cell) -> list[str]:
+        if cell.status == INTERRUPTED:
+            return ["--resume" if cell.resume else "--overwrite"]
+        return []
+
+    def train_command(self, cell: Cell) -> list[str]:
+        return cell_command(self.launch_options, [*self._train_argv(cell), *self._first_flag(cell)])
 
     def evaluate_args(self, cell: Cell) -> list[str]:
-        """`ftctl evaluate` arguments for the cell: the first of a (model, task) pair also scores the baseline (and
-        the few-shot one, where the grid asks for it and the task is prompted)."""
+        """`ftctl evaluate` arguments for the cell, decided as it starts: the first of a (model, task) pair to start
+        also scores the baseline (and the few-shot one, where the grid asks for it and the task is prompted). It
+        claims the pair's baseline; if it fails, the next cell of the pair to start claims it."""
         args = [str(self.dir / cell.id)]
-        if (self.spec.baseline or self.spec.few_shot) and cell.baseline_key not in self.baselines:
+        key = cell.baseline_key
+        if (self.spec.baseline or self.spec.few_shot) and key not in self.baselines and key not in self.claims:
+            self.claims[key] = cell.id
             args += ["--baseline"] if self.spec.baseline else []
             if self.spec.few_shot and issubclass(TASKS.get(cell.task.name).cls, Prompted):
                 args += ["--few-shot", str(self.spec.few_shot)]
         return args
 
     def _evaluate(self, cell: Cell, args: list[str]) -> int:
-        """Score the cell with `launch.evaluate.main` in this process: no second start of torch and transformers
-        per cell, and evaluation reports no memory or speed figures that another process would have to isolate.
-        Its output goes to the cell's log; any failure is the cell's, not the grid's."""
+        """Score the cell with `launch.evaluate.main` in this process (one cell at a time): no second start of torch
+        and transformers per cell, and evaluation reports no memory or speed figures that another process would have
+        to isolate. Its output goes to the cell's log; any failure is the cell's, not the grid's."""
 
         log = self.dir / LOGS / f"{cell.id}.log"
         with log.open("a", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -354,80 +435,178 @@ class Runner:
                     torch.cuda.empty_cache()  # the next cell's process gets the memory back
         return code
 
-    def _run(self, cell: Cell, cmd: list[str]) -> int:
-        def progress(proc: subprocess.Popen) -> None:
-            if cell.stage == "train":
-                event = last_event(self.dir / cell.id / EVENTS_FILE)
-                if event and event.get("max_steps"):
-                    cell.step = (int(event["step"]), int(event["max_steps"]))
-
-        return self._process(cmd, self.dir / LOGS / f"{cell.id}.log", cell, str(cell.stage), progress)
+    def _progress(self, cell: Cell) -> None:
+        """The cell's stage and step, read from its run directory (wherever its processes run)."""
+        run_dir = self.dir / cell.id
+        if isinstance(self.executor, RayCluster) and cell.stage:
+            cell.stage = "evaluate" if (run_dir / rundir.RUN_FILE).is_file() else "train"
+        if cell.stage == "train":
+            event = last_event(run_dir / EVENTS_FILE)
+            if event and event.get("max_steps"):
+                cell.step = (int(event["step"]), int(event["max_steps"]))
 
     def _process(
         self, cmd: list[str], log: Path, cell: Cell, what: str, poll: Callable[[subprocess.Popen], None]
     ) -> int:
-        """Run one training process (its output into `log`), calling `poll` twice a second while it runs."""
-        with log.open("a", encoding="utf-8") as out:
-            out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {shlex.join(cmd)}\n")
-            out.flush()
-            # its own session: a Ctrl-C in the terminal reaches the grid only, which passes exactly one on
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=os.getcwd(),
-                env=self._env(cell),
-                start_new_session=True,
-                preexec_fn=_stop_with_parent,
-            )
-            try:
-                while self.proc.poll() is None:
-                    time.sleep(0.5)
-                    poll(self.proc)
-                poll(self.proc)  # what it wrote last
-                return self.proc.returncode
-            finally:
-                self.proc = None
+        """Run one process to its end (its output into `log`), calling `poll` twice a second while it runs."""
+        job = self.active["search"] = Active(cell, ProcessJob(cmd, log, self._env(cell), what))
+        try:
+            while job.job.poll() is None:
+                time.sleep(0.5)
+                poll(job.job.proc)
+            poll(job.job.proc)  # what it wrote last
+            return job.job.proc.returncode
+        finally:
+            del self.active["search"]
 
-    def run_cell(self, cell: Cell) -> None:
+    def _write_config(self, cell: Cell) -> None:
+        (self.dir / CONFIGS / f"{cell.id}.yaml").write_text(
+            f"# cell {cell.id} of grid {self.spec.name}; repeat it with: ftctl train --config THIS_FILE "
+            "--output-dir DIR\n" + yaml.safe_dump(cell.values, sort_keys=False),
+            encoding="utf-8",
+        )
+
+    def _start(self, cell: Cell) -> bool:
+        """Start the cell where the executor has room for it; False while it has none."""
+        need = self.needs.get(cell.id) or Need(1)
+        slot = None
+        if isinstance(self.executor, Machine):
+            slot = self.executor.place(need)
+            if slot is None:
+                return False
         cell.attempts += 1
         cell.error, cell.step = None, None
-        cell.started = clock = time.time()
+        cell.started = time.time()
         if cell.status != TRAINED:
-            (self.dir / CONFIGS / f"{cell.id}.yaml").write_text(
-                f"# cell {cell.id} of grid {self.spec.name}; repeat it with: ftctl train --config THIS_FILE "
-                "--output-dir DIR\n" + yaml.safe_dump(cell.values, sort_keys=False),
-                encoding="utf-8",
-            )
-            cell.stage = "train"
-            self.save()
-            code = self._run(cell, self.train_command(cell))
-            if code or not (self.dir / cell.id / rundir.RUN_FILE).is_file():
-                self._failed(cell, "train", code, clock)
-                return
-            cell.status = TRAINED
-        cell.stage = "evaluate"
+            self._write_config(cell)
+        cell.stage = "train" if cell.status != TRAINED else "evaluate"
+        if isinstance(self.executor, RayCluster):
+            cell.where = "ray"
+            self.active[cell.id] = Active(cell, self.executor.submit(self._ray_job(cell), need))
+        else:
+            assert slot is not None
+            cell.where = ",".join(self.executor.names[i] for i in slot.gpus) if slot.gpus else f"{slot.threads} threads"
+            # the scoring arguments now, in the grid's order: which cell scores a pair's baseline (whose untrained
+            # head is seeded by that cell) does not depend on which cell finishes first
+            self.active[cell.id] = Active(cell, None, slot, self.evaluate_args(cell))
+            if cell.stage == "train":
+                self._train(self.active[cell.id], self._first_flag(cell))
+            else:
+                self._score(self.active[cell.id])
         self.save()
-        args = self.evaluate_args(cell)
-        code = self._evaluate(cell, args)
-        if code or not (self.dir / cell.id / "eval.json").is_file():
-            self._failed(cell, "evaluate", code, clock)
-            return
-        if "--baseline" in args or "--few-shot" in args:
-            self.baselines[cell.baseline_key] = cell.id
-        cell.status, cell.stage, cell.seconds = DONE, None, time.time() - clock
-        cell.summary = self._summary(cell)
-        self.save()
+        return True
 
-    def _failed(self, cell: Cell, stage: str, code: int, clock: float) -> None:
-        cell.seconds, cell.stage = time.time() - clock, None
-        if self.signals:  # stopped on purpose: the next run continues it (plan() looks at what is on disk)
+    def _ray_job(self, cell: Cell) -> dict[str, Any]:
+        """What a cell's Ray task needs to run it on its node (launch/studies/executors.py, run_cell)."""
+        return {
+            "run_dir": str(self.dir / cell.id),
+            "log": str(self.dir / LOGS / f"{cell.id}.log"),
+            "lock": str(self.dir / LOGS / f"{cell.id}.lock"),
+            "marker": str(self.dir / LOGS / f"{cell.id}.attempt"),
+            "token": uuid.uuid4().hex,  # a retry of this submission finds it and resumes from what is on disk
+            "env": {k: v for k, v in self._env(cell).items() if os.environ.get(k) != v},
+            "launcher": self.launch_options,
+            "trained": cell.status == TRAINED,
+            "train": self._train_argv(cell),
+            "flag": self._first_flag(cell),
+            "evaluate": self.evaluate_args(cell),
+        }
+
+    def _train(self, active: Active, flag: list[str]) -> None:
+        cell = active.cell
+        cmd = cell_command(self.launch_options, [*self._train_argv(cell), *flag])
+        active.job = ProcessJob(cmd, self.dir / LOGS / f"{cell.id}.log", self._env(cell, active.slot), "train")
+        cell.stage = "train"
+
+    def _score(self, active: Active) -> None:
+        """Score a trained cell: in this process when cells run one at a time, else in a process of its own on the
+        cell's devices."""
+        cell = active.cell
+        cell.stage, cell.step = "evaluate", None
+        if self.inline:
+            self.save()
+            active.code = self._evaluate(cell, active.args)
+            return
+        cmd = evaluate_command(active.args)
+        active.job = ProcessJob(cmd, self.dir / LOGS / f"{cell.id}.log", self._env(cell, active.slot), "evaluate")
+
+    def _poll(self, active: Active) -> None:
+        """One look at a running cell: its progress, and what follows when its process has ended."""
+        cell = active.cell
+        self._progress(cell)
+        code = active.code if active.job is None else active.job.poll()
+        if code is None:
+            return
+        if isinstance(self.executor, RayCluster):
+            self._ray_ended(active, code)
+        elif cell.stage == "train":
+            self._trained(active, code)
+        else:
+            self._scored(active, code)
+
+    def _trained(self, active: Active, code: int) -> None:
+        cell = active.cell
+        self._progress(cell)
+        if code == 0 and (self.dir / cell.id / rundir.RUN_FILE).is_file():
+            cell.status = TRAINED
+            self.save()
+            self._score(active)
+            return
+        if killed(code) and not self.signals and cell.attempts <= self.retries:
+            cell.attempts += 1  # killed, not by the grid: again, from its last checkpoint
+            self._train(active, resume_flag(self.dir / cell.id))
+            self.save()
+            return
+        self._end(active, "train", code)
+
+    def _scored(self, active: Active, code: int) -> None:
+        cell = active.cell
+        if code or not (self.dir / cell.id / "eval.json").is_file():
+            self._end(active, "evaluate", code)
+            return
+        self._done(active)
+
+    def _ray_ended(self, active: Active, code: int) -> None:
+        job = active.job
+        result = job.result or {}
+        if self.signals:
+            job.wait()  # its processes checkpoint before the grid says it stopped
+        if job.error:
+            self._end(active, "train", code, job.error)
+        elif result.get("stage") == "train" or code:
+            self._end(active, str(result.get("stage", "train")), code)
+        else:
+            self._scored(active, code)
+
+    def _done(self, active: Active) -> None:
+        cell = active.cell
+        key = cell.baseline_key
+        if self.claims.get(key) == cell.id:
+            self.baselines[key] = cell.id
+        cell.status, cell.stage, cell.seconds = DONE, None, time.time() - (cell.started or time.time())
+        cell.summary = self._summary(cell)
+        self._release(active)
+
+    def _end(self, active: Active, stage: str, code: int, error: str | None = None) -> None:
+        """The cell stopped before it was scored: stopped on purpose (the next run continues it; plan() looks at
+        what is on disk), or failed."""
+        cell = active.cell
+        cell.seconds, cell.stage = time.time() - (cell.started or time.time()), None
+        if self.claims.get(cell.baseline_key) == cell.id:
+            del self.claims[cell.baseline_key]
+        if self.signals:
             cell.status = TRAINED if (self.dir / cell.id / rundir.RUN_FILE).is_file() else INTERRUPTED
         else:
             cell.status = FAILED
-            cell.error = f"{stage}: {failure_line(self.dir / LOGS / f'{cell.id}.log', code)}"
+            cell.error = f"{stage}: {error or failure_line(self.dir / LOGS / f'{cell.id}.log', code)}"
+        self._release(active)
+
+    def _release(self, active: Active) -> None:
+        self.active.pop(active.cell.id, None)
+        if active.slot is not None and isinstance(self.executor, Machine):
+            self.executor.release(active.slot)
         self.save()
+        self.ended.append(active.cell)
 
     # ---- searches (launch/studies/search.py) ------------------------------------------------------------------
     def run_search(self, found: searching.Search, display: Display) -> None:
@@ -504,7 +683,9 @@ class Runner:
                     return
 
         log = self.dir / LOGS / f"search__{found.key}__trial-{trial.number}.log"
-        code = self._process(self._launch(argv), log, found.cells[0], f"search trial {params}", poll)
+        code = self._process(
+            cell_command(self.launch_options, argv), log, found.cells[0], f"search trial {params}", poll
+        )
         value = searching.trial_value(run_dir, found.metric) if code == 0 else None
         if pruned:
             searching.tell(study, trial, state=optuna.trial.TrialState.PRUNED)
@@ -521,17 +702,14 @@ class Runner:
     # ---- signals ---------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signum)  # the cell checkpoints and stops; a second signal stops it at once
-            except ProcessLookupError:
-                pass
+        for active in list(self.active.values()):  # each running cell checkpoints and stops
+            if active.job is not None:
+                active.job.signal(signum)
 
     def run(self, max_cells: int | None, fail_fast: bool) -> None:
         todo = [c for c in self.cells if c.status not in FINAL]
         display = Display(self)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        ran = 0
         try:
             with display:
                 for found in self.searches:
@@ -539,36 +717,48 @@ class Runner:
                         break
                     if any(c.status not in FINAL for c in found.cells):
                         self.run_search(found, display)
-                for cell in todo:
-                    if cell.status == FAILED and cell.error and cell.error.startswith("search:"):
-                        continue
-                    if self.signals or (max_cells is not None and ran >= max_cells):
-                        break
-                    display.event(cell, "start")
-                    self.run_cell(cell)
-                    ran += 1
-                    display.event(cell, "end")
-                    if cell.status == FAILED and fail_fast:
-                        break
+                queue = [c for c in todo if not (c.status == FAILED and (c.error or "").startswith("search:"))]
+                self._run_cells(queue, display, max_cells, fail_fast)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            for cell in self.cells:  # baselines scored meanwhile by another cell of the pair
+                if cell.status == DONE:
+                    cell.summary = self._summary(cell)
             self.save()
         if self.signals:
-            running = next((c for c in todo if c.status in (INTERRUPTED, TRAINED) and c.attempts), None)
-            where = f" during cell {running.id}" if running else ""
+            stopped = [c.id for c in todo if c.status in (INTERRUPTED, TRAINED) and c.attempts]
+            where = f" during cell {', '.join(stopped)}" if stopped else ""
             raise GridStopped(
                 f"{signal.Signals(self.signals[0]).name} received: the grid stopped{where}; run the same "
                 "command again to continue (finished cells are kept, an interrupted one resumes from its checkpoint)",
                 self.signals[0],
             )
 
-
-def _stop_with_parent() -> None:
-    """In the cell's process, before it starts: SIGTERM when the grid process dies, so that a grid killed outright
-    leaves no training running on its own (which would race the next run of the grid for the same directory).
-    Linux only; elsewhere the cell finishes by itself."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    def _run_cells(self, queue: list[Cell], display: Display, max_cells: int | None, fail_fast: bool) -> None:
+        """Start cells in the grid's order wherever the executor has room (a cell that waits for room lets smaller
+        ones behind it start), follow the running ones, until all have ended or the grid is stopping."""
+        started, stopping = 0, False
+        while True:
+            stopping = stopping or bool(self.signals) or (max_cells is not None and started >= max_cells)
+            for cell in [] if stopping else list(queue):
+                if max_cells is not None and started >= max_cells:
+                    break
+                if self._start(cell):
+                    queue.remove(cell)
+                    started += 1
+                    display.event(cell, "start")
+            if not self.active and queue and not stopping:
+                # not reached: executor.check refused, at planning, a cell that cannot run even alone
+                raise FtctlError(f"cell {queue[0].id} does not fit this machine even alone")
+            for active in list(self.active.values()):
+                self._poll(active)
+            for cell in self.ended:
+                display.event(cell, "end")
+                stopping = stopping or (fail_fast and cell.status == FAILED)
+            self.ended.clear()
+            if not self.active:
+                if stopping or not queue:
+                    return
+                continue
+            time.sleep(0.5)

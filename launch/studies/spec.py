@@ -387,6 +387,7 @@ class Cell:
     started: float | None = None  # time.time() of the current attempt
     seconds: float | None = None
     resume: bool = False  # continue from the checkpoint in its directory (else start it again)
+    where: str | None = None  # where it ran last: its GPUs, its CPU threads, or Ray
     step: tuple[int, int] | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     search_key: str | None = None  # cells sharing it share one search (all seeds of a model, task and method)
