@@ -233,6 +233,8 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
         "reduction_percent": 100 * (1 - trainable / total),
         "saved_weights": saved_weights(saved),  # the adapter (PEFT methods) or model on disk
         **costs,
+        # the cost column of a study: training time x the processes that trained (a device each on GPUs)
+        "device_hours": costs["train_runtime_s"] * run.launch.num_processes / 3600,
         "global_step": state.global_step,
         "epochs_completed": state.epoch,
         "best_checkpoint": state.best_model_checkpoint,

@@ -307,6 +307,9 @@ def _row(run: Run, after: dict[str, float], metrics: list[str]) -> dict[str, Any
         "samples_per_second": rec.get("samples_per_second"),
         "tokens_per_second": rec.get("tokens_per_second"),
         "peak_memory_mb": rec.get("peak_memory_mb"),
+        # measured / predicted - 1 (`ftctl plan`'s prediction, recorded by the run)
+        "plan_memory_error": ((rec.get("plan") or {}).get("error") or {}).get("peak_memory"),
+        "plan_time_error": ((rec.get("plan") or {}).get("error") or {}).get("train_time"),
         "after": after,
         "after_source": "eval.json" if run.scored else "run.json metrics (validation)",
         "before": before,
@@ -328,7 +331,9 @@ def _row(run: Run, after: dict[str, float], metrics: list[str]) -> dict[str, Any
 
 def _device_hours(record: dict[str, Any]) -> float | None:
     """Training time times the processes that trained (one device each on GPUs, one process each on a CPU)."""
-    seconds = record.get("train_runtime_s")
+    if _is_number(record.get("device_hours")):
+        return float(record["device_hours"])
+    seconds = record.get("train_runtime_s")  # runs recorded before run.json kept it
     if not _is_number(seconds):
         return None
     return float(seconds) * int((record.get("launch") or {}).get("num_processes") or 1) / 3600

@@ -24,6 +24,8 @@ def _fmt(value: Any, kind: str) -> str:
         "mem": f"{value:,.0f}",
         "metric": f"{value:.4f}",
         "delta": f"{value:+.4f}",
+        "hours": f"{value:.4f}",
+        "error": f"{100 * value:+.1f}%",
     }[kind]
 
 
@@ -34,6 +36,8 @@ COLUMNS = (  # (header, row key, format)
     ("train time (s)", "train_runtime_s", "s"),
     ("samples/s", "samples_per_second", "rate"),
     ("peak memory (MB)", "peak_memory_mb", "mem"),
+    ("memory vs plan", "plan_memory_error", "error"),
+    ("device-hours", "device_hours", "hours"),
 )
 
 
@@ -104,7 +108,8 @@ EXPLAIN = (
     "**Δ** = after - before. Trainable params, reduction % (the share of parameters left frozen), size of the saved "
     "weights (the adapter for PEFT methods), training time (training steps only, without the evaluations), training "
     "samples/s and peak memory (CUDA allocated on a GPU, process RSS on CPU) come from each run's `run.json`; "
-    "device-hours are training time x processes."
+    "device-hours are training time x processes (summed under each table). **memory vs plan**: the measured peak "
+    "against the one `ftctl plan` predicted before the run (measured / predicted - 1; `plan` in `run.json`)."
 )
 
 
@@ -267,6 +272,9 @@ def _task_sections(task: dict[str, Any]) -> list[tuple[str, Any]]:
             out.append(("image", (caption, plots[kind])))
     out.append(("h3", "Appendix: every run"))
     out.append(("table", table(task)))
+    hours = [r["device_hours"] for r in task["rows"] if _is_number(r.get("device_hours"))]
+    if hours:
+        out.append(("text", f"Device-hours, all {len(hours)} runs of this task: {sum(hours):.4f}."))
     shared = {r["baseline_from"] for r in task["rows"] if r["baseline_from"]}
     if shared and len(shared) < len(task["rows"]):
         note = (
@@ -287,6 +295,12 @@ def _task_sections(task: dict[str, Any]) -> list[tuple[str, Any]]:
     return out
 
 
+def _total_hours(report: dict[str, Any]) -> str:
+    """The study's cost: device-hours summed over every run reported."""
+    hours = [r["device_hours"] for t in report["tasks"] for r in t["rows"] if _is_number(r.get("device_hours"))]
+    return f", {sum(hours):.4f} device-hours in all" if hours else ""
+
+
 def _sections(report: dict[str, Any]) -> list[tuple[str, Any]]:
     """The report as a sequence of (kind, content): heading, text, table, image."""
     out: list[tuple[str, Any]] = [
@@ -294,8 +308,8 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, Any]]:
         (
             "text",
             (
-                f"{report['runs']} runs over {len(report['tasks'])} task(s); written {report['generated']} by `ftctl "
-                "report`. The same numbers, unrounded: `report.json`."
+                f"{report['runs']} runs over {len(report['tasks'])} task(s){_total_hours(report)}; written "
+                f"{report['generated']} by `ftctl report`. The same numbers, unrounded: `report.json`."
             ),
         ),
         ("text", EXPLAIN),

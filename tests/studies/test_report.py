@@ -61,6 +61,8 @@ def make_run(
             "samples_per_second": 0.1 + 0.2,
             "tokens_per_second": 1000 / 3,
             "peak_memory_mb": 611.37109375,
+            "device_hours": 12.345678901 * 2 / 3600,  # two processes
+            "plan": {"error": {"peak_memory": -0.0421, "train_time": 1.5}},
             "history": [{"loss": 1.0 / s, "step": s, "epoch": s / 40} for s in steps]
             + [{"eval_loss": 0.9 - 0.01 * s, "step": s, "epoch": s / 40} for s in (0, 20, 40)],
             "metrics": {k: v - 0.01 for k, v in after.items()},
@@ -209,8 +211,11 @@ def test_report_numbers_equal_the_runs_and_plots_are_pngs(runs: Path, tmp_path: 
                 "samples_per_second",
                 "tokens_per_second",
                 "peak_memory_mb",
+                "device_hours",
             ):
                 assert row[key] == record[key], (run_dir.name, key)
+            assert row["plan_memory_error"] == record["plan"]["error"]["peak_memory"]
+            assert row["plan_time_error"] == record["plan"]["error"]["train_time"]
             assert row["size_mb"] == record["saved_weights"]["mb"]
             if (run_dir / "eval.json").is_file():
                 scored = json.loads((run_dir / "eval.json").read_text())
@@ -229,6 +234,12 @@ def test_report_numbers_equal_the_runs_and_plots_are_pngs(runs: Path, tmp_path: 
             assert f"| {row['model']} | {row['method']} | {row['trainable_params']:,} | " in md
             for metric, value in row["after"].items():
                 assert f"{value:.4f}" in md, (metric, value)
+
+    # the cost column: device-hours per run, summed per task and for the study; the planner's error per run
+    assert "| -4.2% | 0.0069 |" in md  # memory vs plan, device-hours (12.35 s x 2 processes)
+    hours = [r["device_hours"] for t in tasks.values() for r in t["rows"]]
+    assert f"{sum(hours):.4f} device-hours in all" in md
+    assert f"Device-hours, all 3 runs of this task: {3 * 12.345678901 * 2 / 3600:.4f}." in md
 
     sst2 = {r["method"]: r for r in tasks["sst2"]["rows"]}
     # full fine-tuning was evaluated without --baseline: it shares the LoRA run's (same model, task, data)
