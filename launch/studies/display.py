@@ -71,7 +71,8 @@ class Display:
         table = Table(
             title=f"grid {runner.spec.name}: {done}/{total} cells done, {elapsed:.0f} s", title_justify="left"
         )
-        for column in ("model", "task", "method", "seed", "status", "time", "result"):
+        columns = ("model", "task", "method", "seed", "status", "where", "time", "result")
+        for column in columns:
             table.add_column(column, overflow="fold")
         for cell in runner.cells:
             style = "bold" if cell.stage else self.STYLE.get(cell.status, "")
@@ -83,6 +84,7 @@ class Display:
                 cell.method.label,
                 str(cell.seed),
                 self._status(cell),
+                (cell.where or "") if cell.stage else "",
                 f"{seconds:.0f} s" if seconds else "",
                 result,
                 style=style,
@@ -95,7 +97,8 @@ class Display:
         runner = self.runner
         position = runner.cells.index(cell) + 1
         if what == "start":
-            self.console.print(f"[{position}/{len(runner.cells)}] {cell.id}: running", markup=False)
+            where = f" ({cell.where})" if cell.where and len(runner.active) > 1 else ""
+            self.console.print(f"[{position}/{len(runner.cells)}] {cell.id}: running{where}", markup=False)
         else:
             outcome = self._metric(cell) if cell.status == DONE else (cell.error or cell.status)
             took = f" in {cell.seconds:.0f} s" if cell.seconds else ""

@@ -221,6 +221,14 @@ def _executor(opts: dict[str, Any], grid_dir: Path) -> Machine | RayCluster:
         raise
 
 
+def _where(runner: Runner) -> str:
+    """Where the cells run, when not one at a time here."""
+    described = runner.executor.describe()
+    if described["kind"] == "ray":
+        return f" (Ray, {described['address']}: {described['nodes']} nodes, {described['devices']})"
+    return f" ({described['jobs']} at a time on {described['devices']})" if described["jobs"] > 1 else ""
+
+
 def _dry_run(runner: Runner) -> dict[str, Any]:
     state = runner.state()
     for item in runner.searches:
@@ -250,7 +258,7 @@ def _run(runner: Runner, opts: dict[str, Any], console: Any) -> dict[str, Any]:
         refused = [c for c in cells if c.status == REFUSED]
         console.print(
             f"grid {spec.name}: {len(cells)} cells, {len(cells) - len(waiting) - len(refused)} already done, "
-            f"{len(refused)} refused, {len(waiting)} to run -> {grid_dir}",
+            f"{len(refused)} refused, {len(waiting)} to run -> {grid_dir}{_where(runner)}",
             markup=False,
         )
         for cell in refused:

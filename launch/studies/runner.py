@@ -1,6 +1,7 @@
-"""Running a grid: planning (every cell loaded as training would load it, refusals marked, what is on disk found),
-then each cell as a `launch.train` process and scored by `launch.evaluate`, with `grid.json` rewritten atomically
-after every step; signals checkpoint the running cell."""
+"""Running a grid: planning (every cell loaded as training would load it, refusals marked, what is on disk found,
+what each cell needs of the executor), then the cells through the executor (launch/studies/executors.py: this
+machine, N at a time, or a Ray cluster), each a `launch.train` process scored by `launch.evaluate`, with `grid.json`
+rewritten atomically after every step; signals checkpoint every running cell."""
 
 from __future__ import annotations
 
