@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import logging
 import os
 import shlex
 import signal
@@ -335,10 +336,17 @@ class RayCluster:
             ray.init(
                 address=address or None,
                 include_dashboard=False,
-                log_to_driver=False,
+                log_to_driver=False,  # each cell's output goes to its log, as on this machine
+                logging_level=logging.WARNING,  # not Ray's INFO lines: an error stays one line
             )
         except ConnectionError as exc:
-            raise FtctlError(f"--ray-address {address}: {str(exc).splitlines()[0]}") from None
+            why = str(exc).splitlines()[0]
+            if "Auth" in type(exc.__cause__).__name__:  # the cluster wants a token this process does not have
+                why += (
+                    ": the cluster asks for its authentication token; give it as RAY_AUTH_TOKEN (or in "
+                    "~/.ray/auth_token) with RAY_AUTH_MODE=token"
+                )
+            raise FtctlError(f"--ray-address {address}: {why}") from None
         self.address, self.retries = address, retries
         self.nodes = [n for n in ray.nodes() if n.get("Alive")]
         self.gpus = max((n["Resources"].get("GPU", 0) for n in self.nodes), default=0)
@@ -462,7 +470,7 @@ def check_shared(ray: Any, nodes: list[dict[str, Any]], grid_dir: Path) -> None:
     finally:
         probe.unlink(missing_ok=True)
     seen = zip(nodes, answers, strict=True)
-    blind = [f"{node['NodeManagerAddress']} ({host})" for node, (host, ok) in seen if not ok]
+    blind = [f"{node['NodeManagerAddress']} ({host}, node {node['NodeID'][:8]})" for node, (host, ok) in seen if not ok]
     if blind:
         raise FtctlError(
             f"the grid directory {grid_dir.resolve()} is not shared with Ray node {', '.join(blind)}: every node "

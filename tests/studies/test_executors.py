@@ -6,13 +6,17 @@ process count."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -304,3 +308,68 @@ def test_cpu_cells_split_the_cores_and_wait_for_memory():
     assert machine.place(Need(1, 1.0)) is None  # two cells run: --jobs 2
     machine.release(a)
     assert machine.place(Need(1, 300.0)) is not None
+
+
+# ---- a Ray node that does not share the grid directory -----------------------------------------------------------
+def ray_node(*args: str, env: dict[str, str], isolate: Path | None = None) -> subprocess.Popen:
+    """`ray start ... --block` in a session of its own; with `isolate`, in a mount namespace of its own where an
+    empty tmpfs hides that directory (a node whose filesystem is not the head's)."""
+    ray = str(Path(sys.executable).parent / "ray")
+    cmd = [ray, "start", *args, "--num-cpus=1", "--disable-usage-stats", "--block"]
+    if isolate is not None:
+        inner = f"mount -t tmpfs none {isolate} && exec " + " ".join(cmd)
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", inner]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("executors")
+def test_a_ray_node_that_does_not_see_the_grid_directory_stops_the_grid(models, data, tmp_path):
+    pytest.importorskip("ray", reason="Ray is installed with ftctl's dev extras (CI installs them)")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode:  # pragma: no cover - CI runs as root; elsewhere mount namespaces may be refused
+        pytest.skip(f"unshare -m is not permitted here: {probe.stderr.decode().strip()}")
+    spec = write_grid(tmp_path / "g.yaml", models, data)
+    out = tmp_path / "grid"
+    out.mkdir()
+    port = closed_port()
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's sockets live here: a short path
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    head = ray_node("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", env=env)
+    nodes = [head]
+    try:
+        import ray
+
+        deadline = time.time() + 120
+        while True:  # the head answers, then the second node joins
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
+                time.sleep(0.5)
+        nodes.append(ray_node(f"--address=127.0.0.1:{port}", env=env, isolate=out))
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        try:
+            while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+                assert time.time() < deadline, "the second Ray node did not join"
+                time.sleep(0.5)
+        finally:
+            ray.shutdown()
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "ftctl"), "grid", str(spec), "--output-dir", str(out),
+             "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        for node in reversed(nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGTERM)
+            node.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert line.startswith(f"error: the grid directory {out} is not shared with Ray node ")
+    assert "put it on a filesystem all nodes mount" in line
+    assert list(out.iterdir()) == []  # nothing written: the probe file is gone
