@@ -196,6 +196,38 @@ def test_ray_runs_the_grid_and_retries_a_cell_whose_worker_died(models, data, re
     assert_same(results(out), reference)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("executors")
+def test_sigterm_checkpoints_every_running_cell_and_the_rerun_resumes_them(models, data, tmp_path):
+    spec = write_grid(
+        tmp_path / "g.yaml", models, data, seeds=[1], settings={**SETTINGS, "max_steps": 400, "save_every": 1000}
+    )
+    out = tmp_path / "grid"
+    plain = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = ftctl("grid", str(spec), "--output-dir", str(out), "--jobs", "2", env=plain)
+    names = ["tinybert__sst2__lora__seed1", "tinybert__sst2__head__seed1"]
+    deadline = time.time() + 600
+    while not all(
+        (out / n / "events.jsonl").is_file() and '"step": 5' in (out / n / "events.jsonl").read_text() for n in names
+    ):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped: SIGTERM received: the grid stopped during cell" in err and all(n in err for n in names)
+    state = {c["id"]: c for c in json.loads((out / "grid.json").read_text())["cells"]}
+    for name in names:  # each running cell wrote a checkpoint as it stopped, and nothing claims it finished
+        assert state[name]["status"] == "interrupted" and list((out / name).glob("checkpoint-*")), name
+        assert not (out / name / "run.json").exists()
+
+    finished(ftctl("grid", str(spec), "--output-dir", str(out), "--jobs", "2", env=plain))
+    for name in names:
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert "--resume" in [p for p in log.split("==== ") if " train: " in p][-1].splitlines()[0]
+        assert json.loads((out / name / "run.json").read_text())["global_step"] == 400
+
+
 # ---- bad input: one line, exit code 2, nothing written --------------------------------------------------------
 def closed_port() -> int:
     with socket.socket() as s:
