@@ -21,6 +21,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -254,10 +255,14 @@ class ProcessJob:
         return self.proc.wait()
 
 
-def killed(code: int | None) -> bool:
-    """Whether a process ended by a signal that the grid did not send (a killed worker, a lost node): worth one
-    more attempt from its checkpoint."""
-    return code is not None and code < 0
+# how torch's elastic launcher (under accelerate launch) reports a worker that a signal ended
+WORKER_KILLED = re.compile(r"Signal \d+ \(SIG[A-Z]+\) received by PID")
+
+
+def killed(code: int | None, log_tail: str = "") -> bool:
+    """Whether a cell's process, or one of the workers accelerate launched, was ended by a signal (the kernel's OOM
+    killer, a preempted node): worth another attempt from its checkpoint, when the grid did not send it."""
+    return code is not None and (code < 0 or (code != 0 and bool(WORKER_KILLED.search(log_tail))))
 
 
 # ---- a cell as one Ray task --------------------------------------------------------------------------------------

@@ -142,7 +142,10 @@ def needs(
         if predict or gpu_memory_mb is not None:
             key = json.dumps({k: v for k, v in cell.values.items() if k != "seed"}, sort_keys=True, default=str)
             if key not in predicted:
-                predicted[key] = planner.plan_run(run, cell.id, options)
+                try:
+                    predicted[key] = planner.plan_run(run, cell.id, options)
+                except FtctlError as exc:  # its data, say: the cell fails with that error when it runs, alone
+                    predicted[key] = {"run": cell.id, "advice": f"not predicted: {exc}"}
             row = predicted[key]
             if row.get("fits") == "no":
                 raise FtctlError(
@@ -553,7 +556,8 @@ class Runner:
             self.save()
             self._score(active)
             return
-        if killed(code) and not self.signals and cell.attempts <= self.retries:
+        tail = "\n".join(_tail(self.dir / LOGS / f"{cell.id}.log", 16384))
+        if killed(code, tail) and not self.signals and cell.attempts <= self.retries:
             cell.attempts += 1  # killed, not by the grid: again, from its last checkpoint
             self._train(active, resume_flag(self.dir / cell.id))
             self.save()
