@@ -5,6 +5,7 @@ method's hooks plugged in. The same code runs on CPU, one GPU, DDP and DeepSpeed
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -33,7 +34,7 @@ from ftctl.errors import FtctlError
 from ftctl.facts import LaunchFacts
 from ftctl.models import FP16_UNSAFE
 from ftctl.vocab import Family
-from launch import configs, lm_loss
+from launch import configs, lm_loss, rundir
 from launch.progress import EVENTS_FILE, EventLog, RichProgress
 from launch.reliability import (
     EpochSeededLengthGroupedSampler,
@@ -297,6 +298,8 @@ class FtctlTrainer(Trainer):
         self._token_slots = 0
         self._real_tokens: torch.Tensor | int = 0
         self.eval_seconds = 0.0  # time spent in evaluations (during training: not training time)
+        self.earlier_train_s = 0.0  # training time of the sessions before a resumed one (its checkpoint's TIME_FILE)
+        self._train_began = time.time()
         kwargs.update(compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce)
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
@@ -441,6 +444,16 @@ class FtctlTrainer(Trainer):
     def _get_output_dir(self, trial: Any) -> str:
         return self._checkpoint_root or super()._get_output_dir(trial)
 
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(resume_from_checkpoint, str):
+            self.earlier_train_s = earlier_training(Path(resume_from_checkpoint))
+        self._train_began = time.time()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_seconds(self) -> float:
+        """Training time of every session of the run so far, evaluations inside the loop left out."""
+        return self.earlier_train_s + time.time() - self._train_began - self.eval_seconds
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         run_dir = self._get_output_dir(trial)
 
@@ -448,6 +461,9 @@ class FtctlTrainer(Trainer):
             self._checkpoint_root = root
             try:
                 super(FtctlTrainer, self)._save_checkpoint(model, trial)
+                if self.args.should_save:  # in the staged checkpoint: promoted with it, atomically
+                    checkpoint = Path(root) / f"checkpoint-{self.state.global_step}"
+                    rundir.write_json(checkpoint / TIME_FILE, {"train_seconds": self.training_seconds()})
             finally:
                 self._checkpoint_root = None
 
@@ -487,6 +503,17 @@ class FtctlTrainer(Trainer):
         if self.args.world_size <= 1:
             return torch.utils.data.SequentialSampler(eval_dataset)
         return None
+
+
+TIME_FILE = "ftctl_time.json"  # in each checkpoint: the run's training seconds so far (every session)
+
+
+def earlier_training(checkpoint: Path) -> float:
+    """The training seconds a checkpoint's run had spent when it was written (0 for checkpoints without them)."""
+    try:
+        return float(json.loads((checkpoint / TIME_FILE).read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 class CopySpec(TrainerCallback):

@@ -233,8 +233,9 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
         "reduction_percent": 100 * (1 - trainable / total),
         "saved_weights": saved_weights(saved),  # the adapter (PEFT methods) or model on disk
         **costs,
-        # the cost column of a study: training time x the processes that trained (a device each on GPUs)
-        "device_hours": costs["train_runtime_s"] * run.launch.num_processes / 3600,
+        # the cost column of a study: training time of every session (a resumed run's earlier ones too) x the
+        # processes that trained (a device each on GPUs)
+        "device_hours": costs["train_runtime_total_s"] * run.launch.num_processes / 3600,
         "global_step": state.global_step,
         "epochs_completed": state.epoch,
         "best_checkpoint": state.best_model_checkpoint,
@@ -262,6 +263,7 @@ def cost(facts: Facts, clock: Clock) -> dict[str, Any]:
     tokens = facts.tokens.get("train_real_tokens") or 0  # counted on the device by ftctl: this session's tokens
     return {
         "train_runtime_s": training,
+        "train_runtime_total_s": facts.trainer.earlier_train_s + training,  # with a resumed run's earlier sessions
         "eval_runtime_s": evaluating + clock.scoring_s,
         "wall_time_s": time.time() - clock.started,
         "train_samples": samples,

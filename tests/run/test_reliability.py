@@ -55,6 +55,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights(models, data, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "run.json").exists(), "the run was meant to die before finishing"
+    newest = max(killed.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    earlier = json.loads((newest / "ftctl_time.json").read_text())["train_seconds"]  # written with the checkpoint
     resumed = subprocess.run(command(models, data, killed, *steps, "--resume"), cwd=REPO, capture_output=True,
                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -64,6 +66,11 @@ def test_resume_after_sigkill_ends_with_the_same_weights(models, data, tmp_path)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert run_json(killed)["metrics"] == run_json(reference)["metrics"]
+    # the cost counts every session: the killed one's training up to its checkpoint, then the resumed one's
+    record = run_json(killed)
+    assert 0 < earlier and record["train_runtime_total_s"] == pytest.approx(earlier + record["train_runtime_s"])
+    assert record["device_hours"] == pytest.approx(record["train_runtime_total_s"] / 3600)
+    assert run_json(reference)["train_runtime_total_s"] == run_json(reference)["train_runtime_s"]
 
 
 def test_sigterm_checkpoints_and_says_how_to_resume(models, data, tmp_path):
