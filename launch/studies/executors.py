@@ -424,7 +424,7 @@ class RayJob:
             self.error = (
                 f"{name}: its Ray worker or node died on every attempt"
                 if "Crashed" in name or ("NodeDied" in name)
-                else f"{name}: {str(exc).strip().splitlines()[-1][:200]}"
+                else f"{name}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"
             )
             self.result = {"stage": "train", "code": 1}
         return int(self.result["code"])

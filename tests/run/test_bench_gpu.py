@@ -8,9 +8,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow  # minutes: in `make test-slow` (CI runs it too)
 def test_the_gpu_benchmark_runs_at_a_tiny_shape(tmp_path):
     name = "perf_gpu_check_test"
     only = ["8b_lora", "8b_qlora", "1b_full", "1b_packing"]

@@ -198,13 +198,16 @@ def test_ray_runs_the_grid_and_retries_a_cell_whose_worker_died(models, data, re
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("executors")
-def test_sigterm_checkpoints_every_running_cell_and_the_rerun_resumes_them(models, data, tmp_path):
+@pytest.mark.parametrize("executor", [["--jobs", "2"], ["--executor", "ray"]], ids=["jobs2", "ray"])
+def test_sigterm_checkpoints_every_running_cell_and_the_rerun_resumes_them(models, data, tmp_path, executor):
+    if "ray" in executor:
+        pytest.importorskip("ray", reason="Ray is installed with ftctl's dev extras (CI installs them)")
     spec = write_grid(
         tmp_path / "g.yaml", models, data, seeds=[1], settings={**SETTINGS, "max_steps": 400, "save_every": 1000}
     )
     out = tmp_path / "grid"
     plain = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = ftctl("grid", str(spec), "--output-dir", str(out), "--jobs", "2", env=plain)
+    proc = ftctl("grid", str(spec), "--output-dir", str(out), *executor, env=plain, cwd=tmp_path)
     names = ["tinybert__sst2__lora__seed1", "tinybert__sst2__head__seed1"]
     deadline = time.time() + 600
     while not all(
@@ -221,7 +224,8 @@ def test_sigterm_checkpoints_every_running_cell_and_the_rerun_resumes_them(model
         assert state[name]["status"] == "interrupted" and list((out / name).glob("checkpoint-*")), name
         assert not (out / name / "run.json").exists()
 
-    finished(ftctl("grid", str(spec), "--output-dir", str(out), "--jobs", "2", env=plain))
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    finished(ftctl("grid", str(spec), "--output-dir", str(out), *executor, env=plain, cwd=tmp_path))
     for name in names:
         log = (out / "logs" / f"{name}.log").read_text()
         assert "--resume" in [p for p in log.split("==== ") if " train: " in p][-1].splitlines()[0]

@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import REPO, cli
 
 SPACE = [1e-9, 0.005, 0.05]  # 1e-9 cannot learn anything in 30 steps: it must never be chosen
 
 
+@pytest.mark.slow  # minutes: in `make test-slow` (CI runs it too)
 def test_search_prunes_resumes_and_gives_every_seed_the_chosen_rate(models, data, tmp_path):
     out = tmp_path / "grid"
     spec = tmp_path / "g.yaml"
