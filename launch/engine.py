@@ -26,7 +26,10 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import TrainOutput
 
 from ftctl import device
 from ftctl.config import RunConfig
@@ -448,7 +451,26 @@ class FtctlTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str):
             self.earlier_train_s = earlier_training(Path(resume_from_checkpoint))
         self._train_began = time.time()
+        if isinstance(resume_from_checkpoint, str) and not is_deepspeed_zero3_enabled():
+            finished = self._finished_at(Path(resume_from_checkpoint))
+            if finished is not None:
+                return finished
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _finished_at(self, checkpoint: Path) -> TrainOutput | None:
+        """A checkpoint written when training had already taken all its `--max-steps` (the run stopped later, while
+        scoring or saving): its weights and state, and no step more. The stock loop, resumed there in the middle of
+        an epoch, would take one step past max_steps before it looks."""
+        state_file = checkpoint / TRAINER_STATE_NAME
+        if self.args.max_steps <= 0 or not state_file.is_file():
+            return None
+        state = TrainerState.load_from_json(str(state_file))
+        if state.global_step < self.args.max_steps:
+            return None
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = state
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        return TrainOutput(state.global_step, losses[-1] if losses else 0.0, {"train_runtime": 0.0})
 
     def training_seconds(self) -> float:
         """Training time of every session of the run so far, evaluations inside the loop left out."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,27 @@ def test_resume_after_sigkill_ends_with_the_same_weights(models, data, tmp_path)
     assert 0 < earlier and record["train_runtime_total_s"] == pytest.approx(earlier + record["train_runtime_s"])
     assert record["device_hours"] == pytest.approx(record["train_runtime_total_s"] / 3600)
     assert run_json(reference)["train_runtime_total_s"] == run_json(reference)["train_runtime_s"]
+
+
+def test_resume_from_the_final_checkpoint_takes_no_step_more(models, data, tmp_path):
+    """A run stopped after its last step (while scoring or saving) resumes from its final checkpoint to the same
+    weights, without training past --max-steps (30 steps: mid-epoch, 24 batches an epoch)."""
+    steps = ["--max-steps", "30", "--save-every", "10", "--keep-last", "10"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    reference = tmp_path / "reference"
+    done = subprocess.run(command(models, data, reference, *steps), cwd=REPO, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stopped = tmp_path / "stopped"  # what a run killed after its last checkpoint leaves: no run.json
+    stopped.mkdir()
+    shutil.copy2(reference / "spec.json", stopped / "spec.json")
+    shutil.copytree(reference / "checkpoint-30", stopped / "checkpoint-30")
+    resumed = subprocess.run(command(models, data, stopped, *steps, "--resume"), cwd=REPO, capture_output=True,
+                             text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert run_json(stopped)["global_step"] == 30 and not (stopped / "checkpoint-31").exists()
+    expected, got = weights(reference), weights(stopped)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert run_json(stopped)["metrics"] == run_json(reference)["metrics"]
 
 
 def test_sigterm_checkpoints_and_says_how_to_resume(models, data, tmp_path):
