@@ -448,11 +448,10 @@ class FtctlTrainer(Trainer):
         return self._checkpoint_root or super()._get_output_dir(trial)
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self._train_began = time.time()
         if isinstance(resume_from_checkpoint, str):
             self.earlier_train_s = earlier_training(Path(resume_from_checkpoint))
-        self._train_began = time.time()
-        if isinstance(resume_from_checkpoint, str) and not is_deepspeed_zero3_enabled():
-            finished = self._finished_at(Path(resume_from_checkpoint))
+            finished = None if is_deepspeed_zero3_enabled() else self._finished_at(Path(resume_from_checkpoint))
             if finished is not None:
                 return finished
         return super().train(resume_from_checkpoint, *args, **kwargs)

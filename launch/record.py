@@ -235,7 +235,7 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
         **costs,
         # the cost column of a study: training time of every session (a resumed run's earlier ones too) x the
         # processes that trained (a device each on GPUs)
-        "device_hours": costs["train_runtime_total_s"] * run.launch.num_processes / 3600,
+        "device_hours": device_hours(costs["train_runtime_total_s"], run.launch.num_processes),
         "global_step": state.global_step,
         "epochs_completed": state.epoch,
         "best_checkpoint": state.best_model_checkpoint,
@@ -252,6 +252,11 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
             "why": facts.trainer.loss_choice.why,
         },
     }
+
+
+def device_hours(train_seconds: float, processes: int) -> float:
+    """The cost column of a study: training time x the processes that trained (one device each on GPUs)."""
+    return train_seconds * processes / 3600
 
 
 def cost(facts: Facts, clock: Clock) -> dict[str, Any]:

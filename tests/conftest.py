@@ -121,11 +121,9 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.C
 
 def free_port() -> int:
     """A TCP port free now: each multi-process launch of the tests gets its own (pytest workers launch at once)."""
-    import socket
+    from launch.studies.executors import free_port as port  # the grid's own, for its multi-process cells
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return port()
 
 
 def eval_losses(run_dir: Path) -> list[float]:

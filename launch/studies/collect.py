@@ -16,6 +16,7 @@ from ftctl.errors import FtctlError
 from launch import rundir
 from launch.config import resolve_values
 from launch.console import scalar_metrics
+from launch.record import device_hours
 from launch.studies import analysis
 from tasks import TASKS
 from tasks.base import ReportsDetails, ScoresTexts
@@ -336,7 +337,7 @@ def _device_hours(record: dict[str, Any]) -> float | None:
     seconds = record.get("train_runtime_s")  # runs recorded before run.json kept it
     if not _is_number(seconds):
         return None
-    return float(seconds) * int((record.get("launch") or {}).get("num_processes") or 1) / 3600
+    return device_hours(float(seconds), int((record.get("launch") or {}).get("num_processes") or 1))
 
 
 def _add_per_example(rows: list[dict[str, Any]], scores: list[tuple[dict, dict]], metrics: list[str]) -> None:

@@ -71,8 +71,7 @@ class Display:
         table = Table(
             title=f"grid {runner.spec.name}: {done}/{total} cells done, {elapsed:.0f} s", title_justify="left"
         )
-        columns = ("model", "task", "method", "seed", "status", "where", "time", "result")
-        for column in columns:
+        for column in ("model", "task", "method", "seed", "status", "where", "time", "result"):
             table.add_column(column, overflow="fold")
         for cell in runner.cells:
             style = "bold" if cell.stage else self.STYLE.get(cell.status, "")

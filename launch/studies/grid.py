@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = build_parser().parse_strict(argv)
     if opts["max_cells"] is not None and opts["max_cells"] < 1:
         raise FtctlError(f"--max-cells must be at least 1, got {opts['max_cells']}")
-    _check_executor_options(opts)
+    opts["limit_mb"] = _check_executor_options(opts)
     spec = load_spec(grid_file(opts["grid"]))
     launch_options = _launch_options(spec, opts)
     grid_dir = _grid_dir(spec, opts["output_dir"])
@@ -182,10 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return _dry_run(Runner(spec, cells, grid_dir, launch_options, command, found))
     executor = _executor(opts, grid_dir)
     try:
-        limit = plan.parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None
         # predicted memory packs cells onto GPUs (or the host's memory) when several run at once
         predict = isinstance(executor, RayCluster) or executor.jobs > 1
-        needs = cell_needs(cells, loaded, executor, limit, predict)
+        needs = cell_needs(cells, loaded, executor, opts["limit_mb"], predict)
         runner = Runner(spec, cells, grid_dir, launch_options, command, found, executor, needs, opts["retries"])
         return _run(runner, opts, console=Console(highlight=False))
     finally:
@@ -193,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             executor.shutdown()
 
 
-def _check_executor_options(opts: dict[str, Any]) -> None:
+def _check_executor_options(opts: dict[str, Any]) -> float | None:
+    """The executor options checked; returns --gpu-memory in MiB (None when not given)."""
     if opts["jobs"] is not None and opts["jobs"] < 1:
         raise FtctlError(f"--jobs must be at least 1, got {opts['jobs']}")
     if opts["jobs"] is not None and opts["executor"] == "ray":
@@ -202,16 +202,14 @@ def _check_executor_options(opts: dict[str, Any]) -> None:
         raise FtctlError("--ray-address needs --executor ray")
     if opts["retries"] < 0:
         raise FtctlError(f"--retries must be 0 or more, got {opts['retries']}")
-    if opts["gpu_memory"]:
-        plan.parse_size(opts["gpu_memory"])
+    return plan.parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None
 
 
 def _executor(opts: dict[str, Any], grid_dir: Path) -> Machine | RayCluster:
     """This machine, or the Ray cluster (connected, and checked to share the grid directory). A grid directory made
     only for that check is removed when the check fails."""
-    limit = plan.parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None
     if opts["executor"] != "ray":
-        return Machine(opts["jobs"] or 1, limit)
+        return Machine(opts["jobs"] or 1, opts["limit_mb"])
     existed = grid_dir.exists()
     try:
         return RayCluster(opts["ray_address"], grid_dir, opts["retries"])

@@ -391,6 +391,9 @@ class Runner:
             extra.update(slot.environment(self.executor.names, split=self.executor.jobs > 1))
         return configs.child_environment(extra)
 
+    def _log(self, cell: Cell) -> Path:
+        return self.dir / LOGS / f"{cell.id}.log"
+
     def _train_argv(self, cell: Cell) -> list[str]:
         return ["--config", str(self.dir / CONFIGS / f"{cell.id}.yaml"), "--output-dir", str(self.dir / cell.id)]
 
@@ -399,8 +402,10 @@ class Runner:
             return ["--resume" if cell.resume else "--overwrite"]
         return []
 
-    def train_command(self, cell: Cell) -> list[str]:
-        return cell_command(self.launch_options, [*self._train_argv(cell), *self._first_flag(cell)])
+    def train_command(self, cell: Cell, flag: list[str] | None = None) -> list[str]:
+        """The cell's training command; `flag` (--resume, --overwrite) as on its first attempt unless given."""
+        flag = self._first_flag(cell) if flag is None else flag
+        return cell_command(self.launch_options, [*self._train_argv(cell), *flag])
 
     def evaluate_args(self, cell: Cell) -> list[str]:
         """`ftctl evaluate` arguments for the cell, decided as it starts: the first of a (model, task) pair to start
@@ -420,7 +425,7 @@ class Runner:
         and transformers per cell, and evaluation reports no memory or speed figures that another process would have
         to isolate. Its output goes to the cell's log; any failure is the cell's, not the grid's."""
 
-        log = self.dir / LOGS / f"{cell.id}.log"
+        log = self._log(cell)
         with log.open("a", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} evaluate: ftctl evaluate {shlex.join(args)}\n")
             try:
@@ -504,7 +509,7 @@ class Runner:
         """What a cell's Ray task needs to run it on its node (launch/studies/executors.py, run_cell)."""
         return {
             "run_dir": str(self.dir / cell.id),
-            "log": str(self.dir / LOGS / f"{cell.id}.log"),
+            "log": str(self._log(cell)),
             "lock": str(self.dir / LOGS / f"{cell.id}.lock"),
             "marker": str(self.dir / LOGS / f"{cell.id}.attempt"),
             "token": uuid.uuid4().hex,  # a retry of this submission finds it and resumes from what is on disk
@@ -518,8 +523,7 @@ class Runner:
 
     def _train(self, active: Active, flag: list[str]) -> None:
         cell = active.cell
-        cmd = cell_command(self.launch_options, [*self._train_argv(cell), *flag])
-        active.job = ProcessJob(cmd, self.dir / LOGS / f"{cell.id}.log", self._env(cell, active.slot), "train")
+        active.job = ProcessJob(self.train_command(cell, flag), self._log(cell), self._env(cell, active.slot), "train")
         cell.stage = "train"
 
     def _score(self, active: Active) -> None:
@@ -532,7 +536,7 @@ class Runner:
             active.code = self._evaluate(cell, active.args)
             return
         cmd = evaluate_command(active.args)
-        active.job = ProcessJob(cmd, self.dir / LOGS / f"{cell.id}.log", self._env(cell, active.slot), "evaluate")
+        active.job = ProcessJob(cmd, self._log(cell), self._env(cell, active.slot), "evaluate")
 
     def _poll(self, active: Active) -> None:
         """One look at a running cell: its progress, and what follows when its process has ended."""
@@ -556,7 +560,7 @@ class Runner:
             self.save()
             self._score(active)
             return
-        tail = "\n".join(_tail(self.dir / LOGS / f"{cell.id}.log", 16384))
+        tail = "\n".join(_tail(self._log(cell), 16384))
         if killed(code, tail) and not self.signals and cell.attempts <= self.retries:
             cell.attempts += 1  # killed, not by the grid: again, from its last checkpoint
             self._train(active, resume_flag(self.dir / cell.id))
@@ -603,7 +607,7 @@ class Runner:
             cell.status = TRAINED if (self.dir / cell.id / rundir.RUN_FILE).is_file() else INTERRUPTED
         else:
             cell.status = FAILED
-            cell.error = f"{stage}: {error or failure_line(self.dir / LOGS / f'{cell.id}.log', code)}"
+            cell.error = f"{stage}: {error or failure_line(self._log(cell), code)}"
         self._release(active)
 
     def _release(self, active: Active) -> None:

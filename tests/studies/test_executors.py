@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ftctl.errors import FtctlError
 from launch.studies import grid
-from launch.studies.executors import Machine, Need, killed
+from launch.studies.executors import Machine, Need, free_port, killed
 
 # long enough to be killed mid-way; a checkpoint every 10 steps to resume from
 SETTINGS = {
@@ -233,12 +233,6 @@ def test_sigterm_checkpoints_every_running_cell_and_the_rerun_resumes_them(model
 
 
 # ---- bad input: one line, exit code 2, nothing written --------------------------------------------------------
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -260,7 +254,7 @@ def test_bad_executor_options_are_refused_before_anything_is_written(models, dat
 def test_an_unreachable_ray_address_is_refused_in_seconds(models, data, tmp_path):
     pytest.importorskip("ray", reason="Ray is installed with ftctl's dev extras (CI installs them)")
     spec = write_grid(tmp_path / "g.yaml", models, data)
-    port = closed_port()
+    port = free_port()
     started = time.time()
     with pytest.raises(FtctlError) as caught:
         grid.main([str(spec), "--output-dir", str(tmp_path / "grid"), "--executor", "ray", "--ray-address",
@@ -362,7 +356,7 @@ def test_a_ray_node_that_does_not_see_the_grid_directory_stops_the_grid(models, 
     spec = write_grid(tmp_path / "g.yaml", models, data)
     out = tmp_path / "grid"
     out.mkdir()
-    port = closed_port()
+    port = free_port()
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's sockets live here: a short path
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     head = ray_node("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", env=env)
