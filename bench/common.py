@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -55,19 +56,31 @@ def need_data(*relative: str) -> list[Path]:
     return paths
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run a command, its output to `log`; returns wall seconds. Fails loudly."""
+def attempt(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[float, int]:
+    """Run a command, its output to `log`; returns (wall seconds, exit code; 124 past `timeout`)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        try:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    return time.time() - started, code
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a command, its output to `log`; returns wall seconds. Fails loudly."""
+    wall, code = attempt(cmd, log)
     if code:
         sys.exit(f"benchmark step failed ({code}): {' '.join(cmd)}; see {log}")
-    return time.time() - started
+    return wall
 
 
 def ftctl() -> str:
-    return str(Path(sys.executable).parent / "ftctl")
+    """The `ftctl` command of this Python: beside the interpreter (a virtualenv), else the one on PATH (a GPU image's
+    `pip install --target`, whose scripts land elsewhere)."""
+    beside = Path(sys.executable).parent / "ftctl"
+    return str(beside) if beside.is_file() else shutil.which("ftctl") or str(beside)
 
 
 def save(name: str, payload: dict, markdown: str, history: bool = True) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import run as perf
-from bench.common import OUT, ftctl, machine, save, versions
+from bench.common import OUT, ftctl, machine, machine_line, save, versions
 
 STEPS = 20
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -144,15 +144,49 @@ def scenarios(shape: str | None, steps: int) -> list[perf.Scenario]:
 
 
 def sync_check(shape: str | None, steps: int) -> dict[str, Any]:
-    """Host syncs of a CUDA training loop, counted with torch.cuda.set_sync_debug_mode("warn") around `trainer.train`
-    (the Trainer's own reads at logging steps included): one short ftctl run in this process."""
+    """Host syncs of a CUDA training loop: one short ftctl run in this process with torch.cuda.set_sync_debug_mode
+    ("warn") over the Trainer's training loop only (not loading, planning or saving). Each sync is kept with where it
+    was made (the Python line that asked) and the optimizer step it fell in; `steady_per_step` counts those inside
+    steps 2..N (step 1 builds the optimizer state), so 0 means set_sync_debug_mode("error") over those steps passes.
+    Logging every `steps` steps: the Trainer's loss read falls once, between the last steps."""
+    import collections
     import warnings
 
     import torch
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device: the sync count needs one (the CPU test suite counts ftctl's reads)"}
+    from transformers import TrainerCallback
+
+    from launch.engine import FtctlTrainer
     from launch.train import main
+
+    step: dict[str, int | None] = {"now": None}
+    seen: list[tuple[int | None, str]] = []
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            step["now"] = state.global_step + 1
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            step["now"] = None
+
+    def hook(message: Any, category: Any, filename: str, lineno: int, *rest: Any, **kw: Any) -> None:
+        if "synchroniz" in str(message):
+            seen.append((step["now"], f"{filename.rsplit('site-packages/', 1)[-1]}:{lineno}"))
+
+    original = FtctlTrainer._inner_training_loop
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.add_callback(Steps())
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = hook
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
     model_dir, _ = perf.gpu_model(shape or "1b")
     out = OUT / "perf" / "gpu-sync-check"
@@ -160,16 +194,83 @@ def sync_check(shape: str | None, steps: int) -> dict[str, Any]:
             str(perf.gpu_data(steps + 2)), "--max-length", "512", "--batch-size", "1", "--max-steps", str(steps),
             "--logging-steps", str(steps), "--precision", "bf16", "--eval-strategy", "no", "--save-strategy", "no",
             "--num-samples", "0", "--report-to", "none", "--overwrite", "--output-dir", str(out)]  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            main(argv)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    return {"steps": steps, "logging_every": steps, "syncs": len(syncs), "per_step": len(syncs) / steps,
-            "first": str(syncs[0].message)[:200] if syncs else None}  # fmt: skip
+    FtctlTrainer._inner_training_loop = counted  # type: ignore[method-assign]
+    try:
+        main(argv)
+    finally:
+        FtctlTrainer._inner_training_loop = original  # type: ignore[method-assign]
+    steady = [where for at, where in seen if at is not None and at > 1]
+    return {
+        "steps": steps, "logging_every": steps, "syncs": len(seen),
+        "in_step_1": sum(at == 1 for at, _ in seen), "between_steps": sum(at is None for at, _ in seen),
+        "steady_per_step": len(steady) / max(1, steps - 1),
+        "where": dict(collections.Counter(where for _, where in seen).most_common(8)),
+    }  # fmt: skip
+
+
+def gpu_markdown(chosen: list[perf.Scenario], started: float, steps: int, skipped: list[str]) -> str:
+    """The GPU result page: per row tokens/s, MFU, peak CUDA memory, the plan's prediction for it, and the ratios to
+    the plain Trainer (b) measured in the same run."""
+    fmt = perf.fmt
+    lines = [
+        "# GPU performance: ftctl vs plain transformers + peft, same device, same invocation",
+        "",
+        machine_line(),
+        f"- `python -m bench.gpu --steps {steps}` ({(time.time() - started) / 60:.1f} minutes); random-weight Llama "
+        "shapes, bf16, micro-batch 1 unless said, gradient checkpointing; each row its own process",
+        "- tokens/s: real (non-pad) tokens over the training time (Trainer's train_runtime, start-up and loading "
+        "excluded); MFU: 6 x parameters x tokens/s over the bf16 matmul rate measured on this device (LoRA/QLoRA "
+        "skip the frozen weights' gradients: bounded near 4/6); peak: torch.cuda.max_memory_allocated of the run's "
+        "process; plan: `ftctl plan`'s prediction recorded in run.json before any weight was read, and measured / "
+        "predicted - 1",
+        "",
+    ]
+    for s in chosen:
+        lines += [f"## {s.name}: {s.description}", "",
+                  "| row | real tokens/s | MFU | peak GiB | plan GiB | plan error | vs (b) tokens/s | peak vs (b) | "
+                  "train s | process s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        base = next((r for r in s.results if r["kind"] == "baseline_b" and "failed" not in r), {})
+        for r in s.results:
+            if "failed" in r:
+                lines.append(f"| {r['label']} | FAILED ({r['failed']}) |{' |' * 7} {fmt(r['process_wall_s'], 0)} |")
+                continue
+            peak, plan = r.get("peak_memory_mb"), r.get("plan_peak_memory_mb")
+            memory = peak / base["peak_memory_mb"] if peak and base.get("peak_memory_mb") and r is not base else None
+            r["peak_vs_baseline_b"] = memory
+            error = r.get("plan_memory_error")
+            lines.append(
+                f"| {r['label']} | {fmt(r.get('real_tokens_per_second'), 0)} | {fmt(100 * r.get('mfu', 0), 1)}% "
+                f"| {fmt(peak and peak / 1024, 2)} | {fmt(plan and plan / 1024, 2)} | "
+                f"{'-' if error is None else f'{100 * error:+.1f}%'} | {fmt(r.get('ratio_vs_baseline_b'), 2)} | "
+                f"{fmt(memory, 2)} | {fmt(r.get('train_runtime_s'), 1)} | {fmt(r['process_wall_s'], 0)} |"
+            )
+        lines += [""] + [line for r in s.results for line in _verdicts(s, r)]
+        failed = [r for r in s.results if "failed" in r]
+        for r in failed:
+            lines += ["", f"{r['label']} failed; its log ends:", "", "```", *r["log_tail"], "```"]
+        lines += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in s.results] + [""]
+    if skipped:
+        lines += [f"Not run (the --budget-s ran out first): {', '.join(skipped)}.", ""]
+    return "\n".join(lines)
+
+
+def _verdicts(s: perf.Scenario, r: dict[str, Any]) -> list[str]:
+    """The issue's targets, each said as met or not for the ftctl row it is about."""
+    if r["kind"] != "ftctl" or "failed" in r:
+        return []
+    out = []
+    if s.name == "8b_lora":
+        ratio, memory = r.get("ratio_vs_baseline_b"), r.get("peak_vs_baseline_b")
+        met = ratio is not None and ratio >= 1.5 and memory is not None and memory <= 1.0
+        out.append(f"- Target >= 1.5x plain (b) tokens/s at no more peak memory: {perf.fmt(ratio, 2)}x tokens/s, "
+                   f"{perf.fmt(memory, 2)}x peak memory, {'met' if met else 'NOT met'}.")  # fmt: skip
+    if s.name == "8b_lora_4096":
+        mfu = r.get("mfu", 0)
+        out.append(f"- Target MFU >= 45%: {100 * mfu:.1f}%, {'met' if mfu >= 0.45 else 'NOT met'}.")
+    if s.name == "8b_qlora":
+        gib = (r.get("peak_memory_mb") or 0) / 1024
+        out.append(f"- Target peak <= 8 GiB: {gib:.2f} GiB, {'met' if 0 < gib <= 8 else 'NOT met'}.")
+    return out
 
 
 def main() -> None:
@@ -181,22 +282,47 @@ def main() -> None:
     parser.add_argument("--name", help="result file name (default: perf_gpu, perf_gpu_check for --shape tiny)")
     parser.add_argument("--only", nargs="+", metavar="SCENARIO", help="run these scenarios only")
     parser.add_argument("--no-history", action="store_true", help="do not add the results to bench/RESULTS.md")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a failed row is reported (exit code, log tail) and the others still run (a device lease)",
+    )
+    parser.add_argument("--row-timeout", type=float, help="seconds one row's process may take (with --keep-going)")
+    parser.add_argument(
+        "--no-sync-check",
+        action="store_true",
+        help="skip the host-sync count (bench/gpu_smoke.py runs it on a tiny model)",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, help="start no scenario after this many seconds; the ones left are listed as not run"
+    )
     args = parser.parse_args()
     started = time.time()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     chosen = [s for s in scenarios(args.shape, args.steps) if not args.only or s.name in args.only]
-    for scenario in chosen:
-        perf.run_scenario(scenario)
-        perf.ratios(scenario)
-    syncs = sync_check(args.shape, max(4, args.steps))
-    text = perf.markdown(chosen, started)
-    if importlib.util.find_spec("bitsandbytes") is None:
-        text += "\nQLoRA row skipped: bitsandbytes is not installed on this machine.\n"
-    text += "\nHost syncs in a CUDA training loop: " + json.dumps(syncs) + "\n"
     name = args.name or ("perf_gpu_check" if args.shape == "tiny" else "perf_gpu")
-    save(name, {"machine": machine(), "versions": versions(), "syncs": syncs,
-                "scenarios": {s.name: s.results for s in chosen}}, text, history=not args.no_history)  # fmt: skip
-    print(text)
+    ran: list[perf.Scenario] = []
+    skipped: list[str] = []
+
+    def write(syncs: dict[str, Any], history: bool) -> str:
+        text = gpu_markdown(ran, started, args.steps, skipped)
+        if importlib.util.find_spec("bitsandbytes") is None:
+            text += "\nQLoRA row skipped: bitsandbytes is not installed on this machine.\n"
+        text += "\nHost syncs in a CUDA training loop: " + json.dumps(syncs) + "\n"
+        save(name, {"machine": machine(), "versions": versions(), "syncs": syncs, "skipped": skipped,
+                    "scenarios": {s.name: s.results for s in ran}}, text, history=history)  # fmt: skip
+        return text
+
+    for scenario in chosen:
+        if args.budget_s is not None and time.time() - started > args.budget_s:
+            skipped.append(scenario.name)
+            continue
+        perf.run_scenario(scenario, keep_going=args.keep_going, timeout=args.row_timeout)
+        perf.ratios(scenario)
+        ran.append(scenario)
+        write({"pending": "the sync count runs after the scenarios"}, history=False)  # a lease may end first
+    syncs = {"skipped": "--no-sync-check"} if args.no_sync_check else sync_check(args.shape, max(4, args.steps))
+    print(write(syncs, history=not args.no_history))
 
 
 if __name__ == "__main__":

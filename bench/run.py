@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from bench.common import OUT, ftctl, machine, machine_line, need_data, run, save, versions
 
 PERF = OUT / "perf"
@@ -99,9 +100,24 @@ def ftctl_reader(run_dir: Path, metric: str, split: str = "test_metrics") -> Cal
             "whole_process_samples_per_second": samples / wall,
             "metric": scored.get(metric),
             "precision": record.get("precision"),
+            **plan_columns(record.get("plan")),
         }
 
     return read
+
+
+def plan_columns(plan: dict[str, Any] | None) -> dict[str, Any]:
+    """What `ftctl plan` predicted for a run (run.json's `plan`, made before any weight was read) beside what the run
+    measured (on CUDA: torch.cuda.max_memory_allocated), and the relative error (measured / predicted - 1)."""
+    if not plan:
+        return {}
+    return {
+        "plan_peak_memory_mb": plan["predicted"]["peak_memory_mb"],
+        "plan_measured_peak_memory_mb": plan["measured"]["peak_memory_mb"],
+        "plan_memory_error": plan["error"]["peak_memory"],
+        "plan_train_seconds": plan["predicted"]["train_seconds"],
+        "plan_time_error": plan["error"]["train_time"],
+    }
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -350,6 +366,8 @@ def gpu_model(shape: str) -> tuple[Path, int]:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
+    if device == "cuda":  # the measured rows are other processes: leave them the GPU
+        torch.cuda.empty_cache()
     facts.write_text(json.dumps({"params": params}))
     return folder, params
 
@@ -494,12 +512,22 @@ SCENARIOS = {
 }  # fmt: skip
 
 
-def run_scenario(scenario: Scenario) -> None:
+def run_scenario(scenario: Scenario, keep_going: bool = False, timeout: float | None = None) -> None:
+    """Every row of `scenario`, measured. `keep_going` (a device lease: one failure must not cost the other rows) keeps
+    a failed or timed-out row as its exit code and log tail, and runs the next; else a failure ends the benchmark."""
     for row in scenario.rows():
         runs = []
         for attempt in range(scenario.repeats if row.kind in ("ftctl", "baseline_b") else 1):
             log = PERF / "logs" / f"{scenario.name}-{row.kind}-{attempt}.log"
-            wall = run(row.command, log)
+            if not keep_going:
+                wall = run(row.command, log)
+            else:
+                wall, code = common.attempt(row.command, log, timeout)
+                if code:
+                    tail = log.read_text(errors="replace").strip().splitlines()[-12:]
+                    runs.append({"process_wall_s": wall, "failed": f"exit {code}", "log_tail": tail})
+                    print(f"{scenario.name} / {row.label}: FAILED (exit {code}, {wall:.0f} s): {log}", flush=True)
+                    break
             measured = {"process_wall_s": wall, **row.read(log, wall)}
             runs.append(measured)
             print(f"{scenario.name} / {row.label}: {measured.get(scenario.speed)} ({wall:.0f} s)", flush=True)

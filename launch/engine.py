@@ -5,6 +5,7 @@ method's hooks plugged in. The same code runs on CPU, one GPU, DDP and DeepSpeed
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -151,6 +152,15 @@ def best_metric(cfg: RunConfig, task: Task) -> tuple[str, bool]:
     return metric, higher_is_better(metric)
 
 
+def checkpointing_flags(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing in the installed Trainer's words: `activation_checkpointing` in newer transformers
+    (5.23 has it), `gradient_checkpointing` in older ones (5.17, which GPU images ship); non-reentrant either way."""
+    kwargs = {"use_reentrant": False} if enabled else None
+    if "activation_checkpointing" in inspect.signature(TrainingArguments.__init__).parameters:
+        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": kwargs}
+    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
+
+
 def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: LaunchFacts) -> TrainingArguments:
     world = launched_world_size()
     micro, accum = batch_geometry(cfg, world)
@@ -182,8 +192,7 @@ def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: Laun
         seed=cfg.seed,
         data_seed=cfg.seed,
         **precision_flags(cfg, launch, task.fit.model_type),
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **checkpointing_flags(cfg.gradient_checkpointing),
         eval_strategy=cfg.eval_strategy,
         eval_on_start=cfg.eval_on_start and cfg.eval_strategy != "no",
         eval_steps=cfg.eval_steps,
