@@ -23,6 +23,10 @@ left() { echo $((deadline - ($(date +%s) - start))); }
 {
 echo "== install ($(date -u +%T))"
 python3 -m pip install -q --no-deps --no-index --no-cache-dir bench/out/wheels/*.whl 2>&1 | tail -3 || true
+if ! python3 -c "import pydantic, datasets, bitsandbytes" || ! command -v ftctl >/dev/null; then  # a read-only image
+    python3 -m pip install -q --no-deps --no-index --no-cache-dir --target /tmp/site bench/out/wheels/*.whl
+    export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft, accelerate, bitsandbytes, datasets, launch.cli; print('torch', torch.__version__, torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__, 'datasets', datasets.__version__, 'flash_attn', __import__('importlib').util.find_spec('flash_attn') is not None)"
 echo "== tests (background) + smoke ($(date -u +%T), $(left) s left)"
