@@ -2,8 +2,8 @@
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo-sst2-lora
-# the run layer: everything in launch/ but the study layer and the CLI (pyproject.toml, import-linter contract)
-RUN_LAYER := $(filter-out launch/cli.py,$(wildcard launch/*.py))
+# the run layer: its internals (launch/run/) and its front doors (launch/*.py but the CLI): pyproject.toml's contract
+RUN_LAYER := launch/run $(filter-out launch/cli.py,$(wildcard launch/*.py))
 
 .PHONY: setup demo test test-slow test-all lint wheel-check bench clean
 

@@ -1,2 +1,2 @@
 """Data-only package: the files of this folder ship in the wheel, found through importlib.resources
-(launch/configs.py)."""
+(launch/run/configs.py)."""

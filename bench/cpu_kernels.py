@@ -36,7 +36,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from launch.dropout import CpuDropout
+    from launch.run.dropout import CpuDropout
 
     fast = CpuDropout(0.1).train()
     rows = []
@@ -115,8 +115,8 @@ def lora_steps() -> list[dict]:
     from transformers import AutoModelForSequenceClassification
 
     from ftctl.models import embedded_model_dir
-    from launch.dropout import use_cpu_dropout
-    from launch.quiet import quiet_transformers
+    from launch.run.dropout import use_cpu_dropout
+    from launch.run.quiet import quiet_transformers
     from methods.base import frozen_linears_to
 
     quiet_transformers()

@@ -158,7 +158,7 @@ def sync_check(shape: str | None, steps: int) -> dict[str, Any]:
         return {"skipped": "no CUDA device: the sync count needs one (the CPU test suite counts ftctl's reads)"}
     from transformers import TrainerCallback
 
-    from launch.engine import FtctlTrainer
+    from launch.run.trainer import FtctlTrainer
     from launch.train import main
 
     step: dict[str, int | None] = {"now": None}

@@ -1,4 +1,4 @@
-"""Peak memory and step time of the chunked causal-LM loss (launch/lm_loss.py) against the model's own, on a
+"""Peak memory and step time of the chunked causal-LM loss (launch/run/lm_loss.py) against the model's own, on a
 GPT-2-size vocabulary, on the CPU.
 
     python -m bench.lm_loss
@@ -30,7 +30,7 @@ def measure(kernel: str) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from launch import lm_loss
+    from launch.run import lm_loss
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

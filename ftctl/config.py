@@ -1,6 +1,6 @@
 """The general run options, shared by every task and method: one declaration per option (`ftctl.options`), which
 serves the YAML loader, the command line, `--help` and `run.json`. Resolution (defaults, presets, files, flags) is the
-run layer's (`launch.config`); a RunConfig checks its own values when it is made.
+run layer's (`launch.run.config`); a RunConfig checks its own values when it is made.
 """
 
 from __future__ import annotations

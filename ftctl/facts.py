@@ -2,7 +2,7 @@
 
 `LaunchFacts` come from whatever launched the run: `--deepspeed`, an accelerate config (`ftctl train
 --accelerate-config`, `accelerate launch --config_file`) or the environment accelerate's launcher exports. The run
-layer reads them once (`launch.runs.launch_facts`), and every decision that depends on them (precision, storing
+layer reads them once (`launch.run.runs.launch_facts`), and every decision that depends on them (precision, storing
 frozen weights in the autocast dtype, method refusals) uses these, so a run launched through an accelerate config
 behaves as the same run given `--deepspeed`. `DataFacts` are added once the training data is loaded.
 """

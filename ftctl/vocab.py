@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-# how a decoder language-model task computes its loss (launch/lm_loss.py)
+# how a decoder language-model task computes its loss (launch/run/lm_loss.py)
 LOSS_KERNELS = ("auto", "fused", "chunked", "plain")
 
 

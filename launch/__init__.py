@@ -5,7 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from launch.quiet import quiet
+from launch.run.quiet import quiet
 
 # Before any library is imported through this package: their import-time chatter (bitsandbytes probing CPU kernels,
 # transformers' notices) stays out of the user's terminal; FTCTL_VERBOSE=1 shows it.

@@ -36,7 +36,7 @@ def train(ctx: typer.Context) -> None:
 
 def _train(argv: list[str]) -> None:
     """Run training here, or through accelerate's launcher when launcher options are given."""
-    from launch import launcher
+    from launch.run import launcher
     from launch.train import main
 
     if any(a in ("-h", "--help") for a in argv):

@@ -22,10 +22,14 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from ftctl.errors import FtctlError, run_main
 from ftctl.models import load_kwargs
 from ftctl.options import Parser
-from launch import engine, record, rundir, runs
-from launch.cache import encode_cached
-from launch.console import console, show_metrics
-from launch.quiet import quiet, quiet_transformers
+from launch.run import rundir, runs
+from launch.run.arguments import check_world, training_arguments
+from launch.run.cache import encode_cached
+from launch.run.card import model_card
+from launch.run.console import console, show_metrics
+from launch.run.quiet import quiet, quiet_transformers
+from launch.run.scoring import score
+from launch.run.trainer import build_trainer
 from tasks.base import Prompted, Task
 
 
@@ -91,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     encoded = encode_cached(run.task, raw, tokenizer, run.cfg.token_cache)
     model_kwargs = {**load_kwargs(run.cfg), **run.method.load_kwargs(run.context())}
     with tempfile.TemporaryDirectory(prefix="ftctl-eval-") as scratch:
-        args = engine.training_arguments(run.cfg, run.task, scratch, run.launch)
-        engine.check_world(args)
+        args = training_arguments(run.cfg, run.task, scratch, run.launch)
+        check_world(args)
         model = runs.load_trained(run, weights, tokenizer, model_kwargs)
         after = score_model(run, args, model, tokenizer, encoded)
         del model
@@ -195,9 +199,9 @@ def evaluation_data(run: runs.Run, opts: dict[str, Any]) -> tuple[datasets.Datas
 def score_model(
     run: runs.Run, args: Any, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, encoded: datasets.Dataset
 ) -> Scored:
-    trainer = engine.build_trainer(run.cfg, args, run.task, run.method, model, tokenizer, None, None)
+    trainer = build_trainer(run.cfg, args, run.task, run.method, model, tokenizer, None, None)
     started = time.time()
-    metrics, details, predictions = engine.score(trainer, run.task, encoded)
+    metrics, details, predictions = score(trainer, run.task, encoded)
     return Scored(metrics, details, predictions, time.time() - started, run.task)
 
 
@@ -250,7 +254,7 @@ def write(
     run_file = output.parent / rundir.RUN_FILE
     if before and output.name == "eval.json" and run_file.is_file():
         # the run's own model card gains the before/after results (the Hub shows them from its model-index)
-        card = record.model_card(rundir.read_json(run_file, "run record"), result)
+        card = model_card(rundir.read_json(run_file, "run record"), result)
         rundir.write_text(output.parent / "README.md", card)
 
 

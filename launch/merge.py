@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from ftctl.errors import FtctlError, run_main
 from ftctl.models import load_kwargs
 from ftctl.options import Parser
-from launch import rundir, runs
-from launch.console import console
-from launch.quiet import quiet, quiet_transformers
-from launch.runs import check_weights, locate
+from launch.run import rundir, runs
+from launch.run.console import console
+from launch.run.quiet import quiet, quiet_transformers
+from launch.run.runs import check_weights, locate
 
 if TYPE_CHECKING:  # annotations only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

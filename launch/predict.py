@@ -2,7 +2,7 @@
 (`python -m launch.predict ...`, `python -m launch.predict generate ...`).
 
 A run directory (adapter or full model; its base model found as `ftctl evaluate` finds it) is loaded through the one
-run-loading path (launch/runs.py) and run on unlabelled inputs with the run's own prompts and settings: batched,
+run-loading path (launch/run/runs.py) and run on unlabelled inputs with the run's own prompts and settings: batched,
 sorted by length, with the KV cache for generation, on whatever device the machine has. The same code scores
 `ftctl evaluate`, so `predict` on a labelled file gives the predictions `evaluate` wrote for it. Rows carry the input
 and the prediction: the label and per-class probabilities (classification), tags per word (NER), the span and its
@@ -25,9 +25,12 @@ import datasets
 from ftctl.errors import FtctlError, run_main
 from ftctl.models import load_kwargs
 from ftctl.options import Parser
-from launch import engine, rundir, runs
-from launch.console import console
-from launch.quiet import quiet, quiet_transformers
+from launch.run import rundir, runs
+from launch.run.arguments import check_world, training_arguments
+from launch.run.console import console
+from launch.run.quiet import quiet, quiet_transformers
+from launch.run.scoring import score
+from launch.run.trainer import build_trainer
 from tasks.base import SamplesGenerations, TakesText
 
 
@@ -97,11 +100,11 @@ def infer(run: runs.Run, weights: Path, raw: datasets.Dataset) -> list[dict[str,
     encoded = task.encode(raw, tokenizer)
     model_kwargs = {**load_kwargs(run.cfg), **run.method.load_kwargs(run.context())}
     with tempfile.TemporaryDirectory(prefix="ftctl-predict-") as scratch:
-        args = engine.training_arguments(run.cfg, task, scratch, run.launch)
-        engine.check_world(args)
+        args = training_arguments(run.cfg, task, scratch, run.launch)
+        check_world(args)
         model = runs.load_trained(run, weights, tokenizer, model_kwargs)
-        trainer = engine.build_trainer(run.cfg, args, task, run.method, model, tokenizer, None, None)
-        _, _, predictions = engine.score(trainer, task, encoded)
+        trainer = build_trainer(run.cfg, args, task, run.method, model, tokenizer, None, None)
+        _, _, predictions = score(trainer, task, encoded)
     return [
         {k: v for k, v in row.items() if k not in task.gold_fields} for row in task.prediction_rows(raw, predictions)
     ]

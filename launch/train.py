@@ -2,7 +2,7 @@
 
 The story (`main`): load and check the run, where every user error is raised before anything is written; load the
 data, the tokenizer and the model, and apply the method (`setup`); open the run directory; train with the Trainer;
-score the validation (and test) split; stage the final model and record the run, `run.json` last (launch/record.py).
+score the validation (and test) split; stage the final model and record the run, `run.json` last (launch/run/record.py).
 """
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ from transformers.trainer_utils import get_last_checkpoint
 from ftctl.errors import FtctlError, run_main, warn
 from ftctl.facts import DataFacts
 from ftctl.models import load_kwargs
-from launch import engine, plan, record, rundir, runs
-from launch.config import default_output_dir
-from launch.console import console, show_pairs
-from launch.dropout import use_cpu_dropout
-from launch.engine import FtctlTrainer
-from launch.quiet import quiet, quiet_transformers
-from launch.reliability import GracefulStop, RunStopped
+from launch.run import record, rundir, runs
+from launch.run.arguments import check_world, total_steps, training_arguments
+from launch.run.config import default_output_dir
+from launch.run.console import console, show_pairs
+from launch.run.dropout import use_cpu_dropout
+from launch.run.planning.measure import AllocationProbe, attempt
+from launch.run.planning.prediction import Prediction
+from launch.run.quiet import quiet, quiet_transformers
+from launch.run.reliability import GracefulStop, RunStopped
+from launch.run.scoring import sort_by_length
+from launch.run.trainer import FtctlTrainer, build_trainer
 from methods.base import frozen_linears_to, parameter_counts
 from tasks.base import LoadedData, Prompted
 
@@ -49,8 +53,8 @@ class Setup:
     resume_checkpoint: str | None
     speed_ups: dict[str, int]  # frozen_params_in_autocast_dtype, cpu_dropout_modules (see `speed_ups`)
     counts: tuple[int, int]  # (trainable, total) parameters as training starts (AdaLoRA prunes some away later)
-    prediction: plan.Prediction | None  # peak memory and time predicted before the weights were read (--plan)
-    probe: plan.AllocationProbe | None  # measures the planned step's CPU allocation peak (CUDA keeps statistics)
+    prediction: Prediction | None  # peak memory and time predicted before the weights were read (--plan)
+    probe: AllocationProbe | None  # measures the planned step's CPU allocation peak (CUDA keeps statistics)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m launch.train") -> dict[str, Any]:
@@ -65,9 +69,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
         show_prompt(s)  # prompted tasks: the first example exactly as the model reads it
 
     run_dir = open_run_dir(s)  # from here on, the run directory is written
-    validation = engine.sort_by_length(s.encoded["validation"])[0]  # evaluation in length order: less padding
+    validation = sort_by_length(s.encoded["validation"])[0]  # evaluation in length order: less padding
     tracker = record.tracker(s.run, run_dir)  # MLflow: options, tags and final metrics beside the Trainer's logs
-    trainer = engine.build_trainer(
+    trainer = build_trainer(
         s.run.cfg,
         s.args,
         s.run.task,
@@ -109,31 +113,31 @@ def setup(argv: list[str], prog: str = "python -m launch.train") -> Setup:
     resume_checkpoint = resume_point(run)
 
     quiet_transformers()
-    args = engine.training_arguments(cfg, run.task, cfg.output_dir, run.launch)
-    engine.check_world(args)
+    args = training_arguments(cfg, run.task, cfg.output_dir, run.launch)
+    check_world(args)
     # The main process reads (hub downloads land in the datasets cache) and tokenizes first; the others then find
     # both in the caches instead of repeating the work (and `--ddp-timeout` bounds how long they wait).
     with args.main_process_first(desc="loading and tokenizing the data"):
         run, tokenizer, data, encoded = runs.with_data(run)
     task = run.task
-    steps = engine.total_steps(cfg, args.world_size, len(encoded["train"]))
+    steps = total_steps(cfg, args.world_size, len(encoded["train"]))
     ctx = run.context(DataFacts(len(encoded["train"]), steps))
     planned = cfg.plan and args.process_index == 0 and not run.launch.deepspeed  # ZeRO-3 builds collectively
-    prediction = plan.attempt(run, tokenizer, encoded["train"], steps) if planned else None
+    prediction = attempt(run, tokenizer, encoded["train"], steps) if planned else None
 
     set_seed(cfg.seed)
     kwargs = {**load_kwargs(cfg), **run.method.load_kwargs(ctx)}
     model = run.method.apply(task.build_model(run.model_ref, tokenizer, kwargs), task, ctx)
     counts = parameter_counts(model)
     ups = speed_ups(model, args, run)
-    probe = plan.AllocationProbe(prediction.shape) if prediction and prediction.shape.device == "cpu" else None
+    probe = AllocationProbe(prediction.shape) if prediction and prediction.shape.device == "cpu" else None
     return Setup(run, args, tokenizer, data, encoded, model, resume_checkpoint, ups, counts, prediction, probe)
 
 
 def speed_ups(model: torch.nn.Module, args: TrainingArguments, run: runs.Run) -> dict[str, int]:
     """Changes to the model that make training faster and change no result: the frozen linear layers stored in
     the autocast dtype (methods.base.frozen_linears_to; not under DeepSpeed, whose ZeRO-3 cannot partition mixed
-    dtypes together), and on the CPU the dropout that draws 16 random bits per element (launch.dropout;
+    dtypes together), and on the CPU the dropout that draws 16 random bits per element (launch.run.dropout;
     FTCTL_CPU_DROPOUT=0 keeps torch's). Measured in bench/results/cpu_kernels.md."""
     converted = dropouts = 0
     if (args.bf16 or args.fp16) and not run.launch.deepspeed and run.method.frozen_weights_in_autocast_dtype:

@@ -69,7 +69,7 @@ class Method:
         self.settings = settings
 
     def plain_loss_reason(self) -> str | None:
-        """Why this method needs the model's own loss (not launch/lm_loss.py's lean one), or None."""
+        """Why this method needs the model's own loss (not launch/run/lm_loss.py's lean one), or None."""
         return None
 
     @property

@@ -30,6 +30,8 @@ from ftctl.vocab import FAMILIES, Family, TaskKind
 
 BUNDLED_DATA = Path(__file__).parent / "data"
 FRESH_MODULES = "ftctl_fresh_modules"  # attribute of a loaded model: modules its checkpoint lacked
+# batch keys holding the prompt to generate from (decoders: tasks/generation.py), not model inputs
+GENERATION_PREFIX = "generation_"
 
 
 @dataclass(frozen=True)

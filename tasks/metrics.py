@@ -24,6 +24,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
+
+
+def higher_is_better(metric: str) -> bool:
+    """The direction of a metric, for choosing the best checkpoint, the best search trial and the best method."""
+    return metric not in LOWER_IS_BETTER
+
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = set(string.punctuation)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from launch.engine import higher_is_better
 from launch.studies import stats
 from tasks.base import ExampleStatistics
+from tasks.metrics import higher_is_better
 
 if TYPE_CHECKING:  # annotations only: collect builds the runs and calls this module
     from launch.studies.collect import Run

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from ftctl.errors import FtctlError
-from launch import rundir
-from launch.config import resolve_values
-from launch.console import scalar_metrics
-from launch.record import device_hours
+from launch.run import rundir
+from launch.run.config import resolve_values
+from launch.run.console import scalar_metrics
+from launch.run.record import device_hours
 from launch.studies import analysis
 from tasks import TASKS
 from tasks.base import ReportsDetails, ScoresTexts

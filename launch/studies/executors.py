@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ftctl.errors import FtctlError
-from launch import launcher
+from launch.run import launcher
 
 MiB = 2**20
 RETRIES = 2  # a cell whose process or node is killed (not by the grid) runs again this many times at most

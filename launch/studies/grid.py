@@ -27,10 +27,12 @@ from rich.console import Console
 
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
-from launch import launcher, plan, runs
-from launch.config import resolve_values
-from launch.configs import RECIPES
-from launch.quiet import quiet
+from launch.plan import checked, finish, plan_options, plan_run
+from launch.run import launcher, runs
+from launch.run.config import resolve_values
+from launch.run.configs import RECIPES
+from launch.run.planning.fit import parse_size
+from launch.run.quiet import quiet
 from launch.studies import report
 from launch.studies import search as searching
 from launch.studies.executors import RETRIES, Machine, RayCluster
@@ -202,7 +204,7 @@ def _check_executor_options(opts: dict[str, Any]) -> float | None:
         raise FtctlError("--ray-address needs --executor ray")
     if opts["retries"] < 0:
         raise FtctlError(f"--retries must be 0 or more, got {opts['retries']}")
-    return plan.parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None
+    return parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None
 
 
 def _executor(opts: dict[str, Any], grid_dir: Path) -> Machine | RayCluster:
@@ -285,9 +287,9 @@ def plan_main(argv: list[str]) -> list[dict[str, Any]]:
     """`ftctl plan GRID.yaml`: every cell's predicted peak memory and time (cells that differ only in their seed
     share a row), whether it fits `--gpu-memory`, and what would make it fit; refused cells say why."""
     quiet()
-    parser = plan.plan_options("ftctl plan")
+    parser = plan_options("ftctl plan")
     parser.add_argument("grid", metavar="GRID.yaml")
-    opts = plan.checked(parser.parse_strict(argv))
+    opts = checked(parser.parse_strict(argv))
     spec = load_spec(grid_file(opts["grid"]))
     accelerate = cell_launcher(_launch_options(spec, {}))
     known: dict[str, Any] = {}
@@ -306,8 +308,8 @@ def plan_main(argv: list[str]) -> list[dict[str, Any]]:
         except FtctlError as exc:
             rows.append({"run": label, "advice": f"refused: {exc}"})
             continue
-        rows.append(plan.plan_run(run, label, opts))
-    plan.finish(rows, opts)
+        rows.append(plan_run(run, label, opts))
+    finish(rows, opts)
     return rows
 
 

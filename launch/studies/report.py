@@ -23,8 +23,8 @@ from rich.console import Console
 
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
-from launch import rundir
-from launch.quiet import quiet
+from launch.run import rundir
+from launch.run.quiet import quiet
 from launch.studies.collect import assemble, collect
 from launch.studies.plots import plot_task
 from launch.studies.render import html, markdown

@@ -27,12 +27,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ftctl.errors import FtctlError
 from ftctl.models import load_config, resolve_model
-from launch import configs, rundir, runs
-from launch import plan as planner
-from launch.config import resolve_values
 from launch.evaluate import main as evaluate
-from launch.progress import EVENTS_FILE, last_event
-from launch.quiet import quiet_transformers
+from launch.plan import plan_run
+from launch.run import configs, rundir, runs
+from launch.run.config import resolve_values
+from launch.run.planning.fit import gpu_need_mb
+from launch.run.progress import EVENTS_FILE, last_event
+from launch.run.quiet import quiet_transformers
 from launch.studies import search as searching
 from launch.studies.display import Display
 from launch.studies.executors import (
@@ -82,7 +83,7 @@ class GridStopped(FtctlError):
 
 # ---- planning: check everything before writing anything ------------------------------------------------------
 def plan(spec: GridSpec, cells: list[Cell], grid_dir: Path, launch_options: dict[str, Any]) -> dict[str, runs.Run]:
-    """Load every cell as training would (launch.runs: the same checks, the launch facts of the grid's launcher
+    """Load every cell as training would (launch.run.runs: the same checks, the launch facts of the grid's launcher
     options, each model's config read once), mark the combinations a method or task refuses, and find what is
     already on disk (finished, interrupted, changed since it ran). Writes nothing; returns the cells to train, loaded
     (what the executor's needs are predicted from)."""
@@ -143,17 +144,17 @@ def needs(
             key = json.dumps({k: v for k, v in cell.values.items() if k != "seed"}, sort_keys=True, default=str)
             if key not in predicted:
                 try:
-                    predicted[key] = planner.plan_run(run, cell.id, options)
+                    predicted[key] = plan_run(run, cell.id, options)
                 except FtctlError as exc:  # its data, say: the cell fails with that error when it runs, alone
                     predicted[key] = {"run": cell.id, "advice": f"not predicted: {exc}"}
             row = predicted[key]
             if row.get("fits") == "no":
                 raise FtctlError(
-                    f"cell {cell.id} needs {planner.gpu_need_mb(row['peak']) / 1024:.1f} GiB per GPU, more than "
+                    f"cell {cell.id} needs {gpu_need_mb(row['peak']) / 1024:.1f} GiB per GPU, more than "
                     f"--gpu-memory {(gpu_memory_mb or 0) / 1024:.1f} GiB: {row['advice']}; change it in the grid file"
                 )
             if "peak" in row:
-                memory = planner.gpu_need_mb(row["peak"]) if device == "cuda" else float(row["peak"])
+                memory = gpu_need_mb(row["peak"]) if device == "cuda" else float(row["peak"])
         need = Need(run.launch.num_processes if cell.status != TRAINED else 1, memory)
         executor.check(cell.id, need)
         out[cell.id] = need

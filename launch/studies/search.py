@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from ftctl.errors import FtctlError
-from launch import rundir
-from launch.config import resolve_values
-from launch.engine import higher_is_better
-from launch.progress import EVENTS_FILE
+from launch.run import rundir
+from launch.run.config import resolve_values
+from launch.run.progress import EVENTS_FILE
 from launch.studies.spec import EXCLUDED, REFUSED, Cell, GridSpec
 from tasks import TASKS
+from tasks.metrics import higher_is_better
 
 SEARCH_DIR = "search"
 STORAGE = "optuna.db"

@@ -16,7 +16,7 @@ from ftctl.config import DATA, RUN_SPECS
 from ftctl.errors import FtctlError, suggest
 from ftctl.models import resolve_model
 from ftctl.options import coerce
-from launch.config import all_specs, load_yaml
+from launch.run.config import all_specs, load_yaml
 from methods import METHODS
 from tasks import TASKS
 

@@ -28,8 +28,9 @@ def setting(tmp_path_factory, models) -> dict[str, Path]:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     d = tmp_path_factory.mktemp("dist")
-    model = AutoModelForMaskedLM.from_pretrained(models["bert"], hidden_dropout_prob=0.0,
-                                                 attention_probs_dropout_prob=0.0)
+    model = AutoModelForMaskedLM.from_pretrained(
+        models["bert"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     model.save_pretrained(d / "bert")
     AutoTokenizer.from_pretrained(models["bert"]).save_pretrained(d / "bert")
     return {
@@ -41,11 +42,36 @@ def setting(tmp_path_factory, models) -> dict[str, Path]:
 
 
 def train_args(setting, out: Path, method: str = "lora", *extra: str) -> list[str]:
-    return ["--task", "sst2", "--method", method, "--model", str(setting["model"]), "--train-file",
-            str(setting["train"]), "--validation-file", str(setting["validation"]), "--output-dir", str(out),
-            "--max-steps", "12", "--batch-size", "8", "--learning-rate", "5e-3", "--logging-steps", "1",
-            "--report-to", "none", "--eval-strategy", "no", "--save-every", "6",
-            *(["--lora-dropout", "0"] if method == "lora" else []), *extra]
+    return [
+        "--task",
+        "sst2",
+        "--method",
+        method,
+        "--model",
+        str(setting["model"]),
+        "--train-file",
+        str(setting["train"]),
+        "--validation-file",
+        str(setting["validation"]),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "5e-3",
+        "--logging-steps",
+        "1",
+        "--report-to",
+        "none",
+        "--eval-strategy",
+        "no",
+        "--save-every",
+        "6",
+        *(["--lora-dropout", "0"] if method == "lora" else []),
+        *extra,
+    ]
 
 
 def launch(*args: str, timeout: int = 600):
@@ -106,10 +132,12 @@ def check_saved_result_reproduces(run_dir: Path, setting, method: str, tmp_path:
 
 @pytest.mark.parametrize(
     "stage,method",
-    [("zero3", "lora"),
-     pytest.param("zero2", "lora", marks=pytest.mark.slow),
-     pytest.param("zero2", "full", marks=pytest.mark.slow),
-     pytest.param("zero3", "full", marks=pytest.mark.slow)],
+    [
+        ("zero3", "lora"),
+        pytest.param("zero2", "lora", marks=pytest.mark.slow),
+        pytest.param("zero2", "full", marks=pytest.mark.slow),
+        pytest.param("zero3", "full", marks=pytest.mark.slow),
+    ],
 )
 def test_deepspeed_on_two_cpu_processes(setting, tmp_path, stage, method):
     out = tmp_path / f"{stage}-{method}"
@@ -135,14 +163,32 @@ def test_two_machines_on_one_host(setting, tmp_path):
 
     out = tmp_path / "two-machines"
     port = str(free_port())
-    common = ["--num-processes", "2", "--num-machines", "2", "--main-process-ip", "127.0.0.1",
-              "--main-process-port", port, "--rendezvous-timeout", "120", *train_args(setting, out)]
+    common = [
+        "--num-processes",
+        "2",
+        "--num-machines",
+        "2",
+        "--main-process-ip",
+        "127.0.0.1",
+        "--main-process-port",
+        port,
+        "--rendezvous-timeout",
+        "120",
+        *train_args(setting, out),
+    ]
     exe = str(Path(__import__("sys").executable).parent / "ftctl")
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
-    second = subprocess.Popen([exe, "train", "--machine-rank", "1", *common], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = subprocess.run([exe, "train", "--machine-rank", "0", *common], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
+    second = subprocess.Popen(
+        [exe, "train", "--machine-rank", "1", *common],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = subprocess.run(
+        [exe, "train", "--machine-rank", "0", *common], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     _, err = second.communicate(timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert second.returncode == 0, err[-3000:]
@@ -154,9 +200,24 @@ def test_two_machines_on_one_host(setting, tmp_path):
 
 def test_a_launcher_whose_peer_never_comes_fails_fast(setting, tmp_path):
     started = time.time()
-    result = cli("ftctl", "train", "--num-processes", "2", "--num-machines", "2", "--machine-rank", "0",
-                 "--main-process-ip", "127.0.0.1", "--main-process-port", str(free_port()),
-                 "--rendezvous-timeout", "5", *train_args(setting, tmp_path / "never"), timeout=120)
+    result = cli(
+        "ftctl",
+        "train",
+        "--num-processes",
+        "2",
+        "--num-machines",
+        "2",
+        "--machine-rank",
+        "0",
+        "--main-process-ip",
+        "127.0.0.1",
+        "--main-process-port",
+        str(free_port()),
+        "--rendezvous-timeout",
+        "5",
+        *train_args(setting, tmp_path / "never"),
+        timeout=120,
+    )
     assert time.time() - started < 60
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -165,8 +226,17 @@ def test_a_launcher_whose_peer_never_comes_fails_fast(setting, tmp_path):
 
 
 def test_dry_run_prints_the_accelerate_command():
-    result = cli("ftctl", "train", "--accelerate-config", "deepspeed_zero3", "--num-processes", "4", "--dry-run",
-                 "--task", "sst2")
+    result = cli(
+        "ftctl",
+        "train",
+        "--accelerate-config",
+        "deepspeed_zero3",
+        "--num-processes",
+        "4",
+        "--dry-run",
+        "--task",
+        "sst2",
+    )
     assert result.returncode == 0
     command = result.stdout.strip()
     assert "accelerate" in command and "deepspeed_zero3.yaml" in command and "--num_processes 4" in command
@@ -186,11 +256,13 @@ def test_processes_that_do_not_form_one_group_are_refused(setting, tmp_path, mon
 
 @pytest.mark.parametrize(
     "args,fragment",
-    [(["--deepspeed", "zero9"], "DeepSpeed config not found: zero9"),
-     (["--deepspeed", "{bad}"], "is not valid JSON"),
-     (["--accelerate-config", "nope"], "accelerate config not found"),
-     (["--num-processes", "2", "--num-machines", "3"], "more than --num-processes"),
-     (["--num-processes", "3", "--num-machines", "2", "--main-process-ip", "1.2.3.4"], "does not split evenly")],
+    [
+        (["--deepspeed", "zero9"], "DeepSpeed config not found: zero9"),
+        (["--deepspeed", "{bad}"], "is not valid JSON"),
+        (["--accelerate-config", "nope"], "accelerate config not found"),
+        (["--num-processes", "2", "--num-machines", "3"], "more than --num-processes"),
+        (["--num-processes", "3", "--num-machines", "2", "--main-process-ip", "1.2.3.4"], "does not split evenly"),
+    ],
 )
 def test_bad_launch_settings(setting, tmp_path, args, fragment):
     bad = tmp_path / "bad.json"

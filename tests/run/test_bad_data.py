@@ -12,7 +12,7 @@ from conftest import data_args
 from test_bad_input import check_error
 
 from ftctl.errors import FtctlError, run_main
-from launch.config import resolve
+from launch.run.config import resolve
 
 
 def train_argv(models, out: Path, *data: str, task: str = "sst2", method: str = "lora") -> list[str]:

@@ -180,8 +180,8 @@ def test_output_dir_that_cannot_be_written(models, data, tmp_path, capsys, monke
 def test_launch_asking_for_more_processes_than_allowed(data, tmp_path, capsys, monkeypatch):
     """`ftctl train` launcher settings that accelerate would run as one process, or fail on, are refused before the
     launch; here a run on this machine would train in this process, so the refusal comes from the launcher."""
-    from launch import launcher
     from launch.cli import _train
+    from launch.run import launcher
 
     out = tmp_path / "out"
     base = ["--task", "sst2", *data_args(data), "--output-dir", str(out), "--report-to", "none"]
@@ -214,8 +214,22 @@ def test_qlora_without_usable_bitsandbytes(models, data, tmp_path, capsys, monke
     bnb_problem.cache_clear()
     out = tmp_path / "out"
     try:
-        code = run_main(main, ["--task", "sst2", "--method", "qlora", "--model", str(models["llama"]),
-                               *data_args(data), "--output-dir", str(out), "--report-to", "none"])
+        code = run_main(
+            main,
+            [
+                "--task",
+                "sst2",
+                "--method",
+                "qlora",
+                "--model",
+                str(models["llama"]),
+                *data_args(data),
+                "--output-dir",
+                str(out),
+                "--report-to",
+                "none",
+            ],
+        )
     finally:
         bnb_problem.cache_clear()
     line = check_error(capsys, code, "method 'qlora' needs bitsandbytes 4-bit layers")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import data_args
 
-from launch.cache import cache_key, encode_cached
-from launch.config import resolve
+from launch.run.cache import cache_key, encode_cached
+from launch.run.config import resolve
 
 
 @pytest.fixture

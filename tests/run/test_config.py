@@ -8,7 +8,7 @@ from conftest import REPO
 
 from ftctl.errors import FtctlError
 from ftctl.registry import Registry
-from launch.config import resolve
+from launch.run.config import resolve
 
 
 def resolved(*argv: str):
@@ -127,7 +127,7 @@ def test_every_task_and_method_is_registered():
 
 
 def test_help_shows_defaults_equal_to_zero():
-    from launch.config import build_parser
+    from launch.run.config import build_parser
 
     text = build_parser("ftctl train").format_help()
     assert "data-loading worker processes (default: 0)" in " ".join(text.split())
@@ -136,7 +136,7 @@ def test_help_shows_defaults_equal_to_zero():
 def test_a_run_recorded_by_an_older_ftctl_still_loads(capsys):
     """run.json of an older ftctl may hold options this one does not have: they are left out with a warning (they
     were a KeyError), while an unknown option given now is still an error."""
-    from launch.config import resolve_values, stored_values
+    from launch.run.config import resolve_values, stored_values
 
     values = stored_values({"task": "sst2", "method": "lora", "an_option_of_the_past": 3}, "old/run.json")
     assert "an_option_of_the_past" not in values and resolve_values(values).cfg.task == "sst2"

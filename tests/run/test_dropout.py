@@ -1,4 +1,4 @@
-"""launch.dropout.CpuDropout: a Bernoulli(p) mask with the stock dropout's scaling and gradient, seeded."""
+"""launch.run.dropout.CpuDropout: a Bernoulli(p) mask with the stock dropout's scaling and gradient, seeded."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import tiny
 import torch
 
-from launch.dropout import CpuDropout, use_cpu_dropout
+from launch.run.dropout import CpuDropout, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -1,4 +1,4 @@
-"""The memory-lean causal-LM loss (launch/lm_loss.py) equals the model's own: the loss and every gradient within
+"""The memory-lean causal-LM loss (launch/run/lm_loss.py) equals the model's own: the loss and every gradient within
 1e-5 relative, with padding, with packed sequences, with a LoRA adapter, with Gemma-2's logit soft-capping, summed
 and divided by the Trainer's item count; a whole run with gradient accumulation follows the same loss curve; the
 choice is recorded and refused where it cannot run."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ftctl.errors import FtctlError
-from launch import lm_loss
+from launch.run import lm_loss
 
 
 def tiny(family: str, tmp_path):

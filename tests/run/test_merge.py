@@ -60,8 +60,8 @@ def logits(model, tokenizer) -> torch.Tensor:
 def fine_tuned(run_dir):
     """The run's model as `ftctl evaluate` loads it (base + adapter, quantized where the run was)."""
     from ftctl.models import load_kwargs, load_tokenizer
-    from launch import runs
-    from launch.runs import locate
+    from launch.run import runs
+    from launch.run.runs import locate
 
     weights, spec = locate(str(run_dir))
     base = json.loads((weights / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -69,7 +69,8 @@ def test_probe_is_not_skewed_by_an_earlier_window():
     keeps counting it); the second window still measures its own peak (4 MiB over the live weights)."""
     import torch
 
-    from launch.plan import AllocationProbe, Shape
+    from launch.run.planning.measure import AllocationProbe
+    from launch.run.planning.prediction import Shape
 
     model = torch.nn.Linear(64, 64)
     live = sum(p.numel() * 4 for p in model.parameters()) / 2**20
@@ -94,11 +95,11 @@ def test_zero_stages_shard_the_parts():
     """What the single-process trace cannot see: ZeRO divides optimizer states (1), gradients (2) and weights (3)
     over the processes, DDP adds its gradient buckets, offload moves the optimizer states to the CPU."""
     from ftctl.facts import LaunchFacts
-    from launch.plan import _launch_parts
+    from launch.run.planning.accounting import launch_parts
 
     def parts(**launch):
         base = {"weights": 400.0, "gradients": 100.0, "optimizer": 200.0, "activations": 50.0}
-        return _launch_parts(base, LaunchFacts(**launch), 10.0)
+        return launch_parts(base, LaunchFacts(**launch), 10.0)
 
     assert parts(num_processes=1) == ({"weights": 400, "gradients": 100, "optimizer": 200, "activations": 50}, 0)
     assert parts(num_processes=2, distributed_type="multi")[0]["ddp buckets"] == 100
@@ -117,7 +118,8 @@ def test_zero_stages_shard_the_parts():
 
 def test_sizes_and_quantized_storage():
     from ftctl.errors import FtctlError
-    from launch.plan import parse_size, quantized_bytes
+    from launch.run.planning.accounting import quantized_bytes
+    from launch.run.planning.fit import parse_size
 
     assert parse_size("16GiB") == 16 * 1024 and parse_size("16") == 16 * 1024 and parse_size("512MiB") == 512
     assert parse_size("16GB") == pytest.approx(16e9 / 2**20)

@@ -7,17 +7,18 @@ import tiny
 import torch
 from conftest import assert_loss_fell, run_json
 
-from launch import engine
-from launch.config import resolve
+from launch.run import precision
+from launch.run.config import resolve
+from launch.run.precision import auto_precision, cpu_has_native_bf16, precision_flags
 
 
 def chosen(*argv: str) -> str:
-    return engine.auto_precision(resolve(["--task", "sst2", *argv], prog="test").cfg)
+    return auto_precision(resolve(["--task", "sst2", *argv], prog="test").cfg)
 
 
 def test_auto_precision_rule(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setenv("FTCTL_CPU_BF16", "1")
     for method in ("lora", "full", "llrd", "qlora", "adapter", "head", "prompt_tuning"):
         assert chosen("--method", method) == "bf16", method
@@ -25,19 +26,19 @@ def test_auto_precision_rule(monkeypatch):
     monkeypatch.setenv("FTCTL_CPU_BF16", "0")
     assert chosen("--method", "lora") == "fp32"
     monkeypatch.setenv("FTCTL_CPU_BF16", "1")
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
     assert chosen("--method", "lora") == "fp32"
 
 
 def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
     info = tmp_path / "cpuinfo"
-    monkeypatch.setattr(engine, "Path", lambda _: info)
+    monkeypatch.setattr(precision, "Path", lambda _: info)
     info.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
-    assert engine.cpu_has_native_bf16()
+    assert cpu_has_native_bf16()
     info.write_text("flags\t\t: fpu avx2 avx512f amx_tile amx_bf16\n")
-    assert engine.cpu_has_native_bf16()
+    assert cpu_has_native_bf16()
     info.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
-    assert not engine.cpu_has_native_bf16()
+    assert not cpu_has_native_bf16()
 
 
 def test_bf16_lora_run_on_cpu_trains_and_reloads(train, tmp_path):
@@ -140,9 +141,9 @@ def test_auto_precision_on_gpus_with_and_without_bf16(monkeypatch, bf16, model_t
     from ftctl.facts import LaunchFacts
 
     monkeypatch.setattr(device, "cuda_bf16", lambda: bf16)
-    assert engine.auto_precision(LaunchFacts(), model_type) == expected
+    assert auto_precision(LaunchFacts(), model_type) == expected
     cfg = resolve(["--task", "sst2"], prog="test").cfg
-    flags = engine.precision_flags(cfg, LaunchFacts(), model_type)
+    flags = precision_flags(cfg, LaunchFacts(), model_type)
     assert flags == {"bf16": expected == "bf16", "fp16": expected == "fp16"}
 
 
@@ -169,7 +170,7 @@ def test_bf16_on_a_gpu_without_it_and_fp16_on_t5_are_refused(monkeypatch, models
     monkeypatch.setattr(device, "cuda_bf16", lambda: False)
     cfg = resolve(["--task", "sst2", "--precision", "bf16"], prog="test").cfg
     with pytest.raises(FtctlError, match="this GPU does not support bf16; use --precision fp16"):
-        engine.precision_flags(cfg, LaunchFacts())
+        precision_flags(cfg, LaunchFacts())
     fp16 = resolve(["--task", "sst2", "--precision", "fp16"], prog="test").cfg
     with pytest.raises(FtctlError, match="use --precision fp32, or bf16 on a GPU that has it"):
         check_precision(fp16, AutoConfig.from_pretrained(models["t5"]))

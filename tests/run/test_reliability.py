@@ -21,9 +21,31 @@ from ftctl.errors import FtctlError, run_main
 
 
 def command(models, data, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "launch.train", "--task", "sst2", "--method", "lora", "--model", str(models["gpt2"]),
-            *data_args(data), "--output-dir", str(out), "--batch-size", "8", "--learning-rate", "5e-3",
-            "--eval-strategy", "no", "--report-to", "none", "--logging-steps", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--task",
+        "sst2",
+        "--method",
+        "lora",
+        "--model",
+        str(models["gpt2"]),
+        *data_args(data),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "5e-3",
+        "--eval-strategy",
+        "no",
+        "--report-to",
+        "none",
+        "--logging-steps",
+        "1",
+        *extra,
+    ]
 
 
 def popen(cmd: list[str]) -> subprocess.Popen:
@@ -46,8 +68,13 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_sigkill_ends_with_the_same_weights(models, data, tmp_path):
     steps = ["--max-steps", "60", "--save-every", "10", "--keep-last", "10"]
     reference = tmp_path / "reference"
-    done = subprocess.run(command(models, data, reference, *steps), cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        command(models, data, reference, *steps),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
     killed = tmp_path / "killed"
@@ -58,8 +85,13 @@ def test_resume_after_sigkill_ends_with_the_same_weights(models, data, tmp_path)
     assert not (killed / "run.json").exists(), "the run was meant to die before finishing"
     newest = max(killed.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     earlier = json.loads((newest / "ftctl_time.json").read_text())["train_seconds"]  # written with the checkpoint
-    resumed = subprocess.run(command(models, data, killed, *steps, "--resume"), cwd=REPO, capture_output=True,
-                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    resumed = subprocess.run(
+        command(models, data, killed, *steps, "--resume"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # Same data order (epoch-seeded sampler), restored optimizer/scheduler/RNG: bitwise equal on CPU.
     expected, got = weights(reference), weights(killed)
@@ -86,8 +118,9 @@ def test_resume_from_the_final_checkpoint_takes_no_step_more(models, data, tmp_p
     stopped.mkdir()
     shutil.copy2(reference / "spec.json", stopped / "spec.json")
     shutil.copytree(reference / "checkpoint-30", stopped / "checkpoint-30")
-    resumed = subprocess.run(command(models, data, stopped, *steps, "--resume"), cwd=REPO, capture_output=True,
-                             text=True, env=env)
+    resumed = subprocess.run(
+        command(models, data, stopped, *steps, "--resume"), cwd=REPO, capture_output=True, text=True, env=env
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert run_json(stopped)["global_step"] == 30 and not (stopped / "checkpoint-31").exists()
     expected, got = weights(reference), weights(stopped)
@@ -146,8 +179,8 @@ def test_checkpoint_killed_midway_leaves_nothing_that_looks_complete(train, monk
 
 
 def test_training_diverged_stops_with_the_step_and_last_checkpoint(train, monkeypatch, tmp_path):
-    from launch.engine import FtctlTrainer
-    from launch.reliability import TrainingDiverged
+    from launch.run.reliability import TrainingDiverged
+    from launch.run.trainer import FtctlTrainer
 
     original = FtctlTrainer.compute_loss
 
@@ -172,8 +205,9 @@ def test_resume_refuses_a_checkpoint_of_another_run(train, models, data, tmp_pat
     run_dir = train("--save-every", "6", "--max-steps", "12", "--no-eval-on-start")
     checkpoint = sorted(run_dir.glob("checkpoint-*"))[-1]
     base = ["--task", "sst2", "--model", str(models["bert"]), *data_args(data), "--report-to", "none"]
-    code = run_main(main, [*base, "--method", "full", "--resume-from", str(checkpoint),
-                           "--output-dir", str(tmp_path / "other")])
+    code = run_main(
+        main, [*base, "--method", "full", "--resume-from", str(checkpoint), "--output-dir", str(tmp_path / "other")]
+    )
     assert code == 2 and "trained with method='lora'" in capsys.readouterr().err
     (run_dir / "run.json").unlink()  # an interrupted run (a finished one is never resumed at all)
     code = run_main(main, [*base, "--method", "lora", "--lora-r", "4", "--output-dir", str(run_dir), "--resume"])
@@ -202,8 +236,19 @@ def test_fp16_on_t5_is_refused(models, data, tmp_path):
     from launch.train import setup
 
     with pytest.raises(FtctlError, match="fp16 overflows to NaN in t5"):
-        setup(["--task", "sst2", "--model", str(models["t5"]), *data_args(data), "--precision", "fp16",
-               "--output-dir", str(tmp_path / "out")])
+        setup(
+            [
+                "--task",
+                "sst2",
+                "--model",
+                str(models["t5"]),
+                *data_args(data),
+                "--precision",
+                "fp16",
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
 
 
 def test_resume_on_a_finished_run_is_refused_and_changes_nothing(train, tmp_path):

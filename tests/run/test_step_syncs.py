@@ -18,7 +18,7 @@ OURS = tuple(str(REPO / package) for package in ("launch", "tasks", "methods", "
 
 
 def test_at_most_one_device_read_per_logging_interval(train, monkeypatch):
-    from launch.engine import FtctlTrainer
+    from launch.run.trainer import FtctlTrainer
 
     seen: list[tuple[str, str, int]] = []
     training = {"on": False}
@@ -66,8 +66,8 @@ def test_a_signal_still_stops_at_a_checked_step_with_a_checkpoint(train, monkeyp
     """A stop signal is acted on at once by a single process (no agreement needed)."""
     import signal
 
-    from launch.engine import FtctlTrainer
-    from launch.reliability import GracefulStop, RunStopped
+    from launch.run.reliability import GracefulStop, RunStopped
+    from launch.run.trainer import FtctlTrainer
 
     original = FtctlTrainer.training_step
 

@@ -230,9 +230,7 @@ def test_adapter_run_loads_with_plain_peft_and_names_its_labels(train):
     record = run_json(out)
     args = dict(record["task"]["load_args"])  # as the card's snippet writes them (JSON keeps int keys as strings)
     args["id2label"] = {int(k): v for k, v in args["id2label"].items()}
-    base = AutoModelForSequenceClassification.from_pretrained(
-        record["model"]["name_or_path"], **args
-    )
+    base = AutoModelForSequenceClassification.from_pretrained(record["model"]["name_or_path"], **args)
     model = PeftModel.from_pretrained(base, str(out)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     with torch.no_grad():

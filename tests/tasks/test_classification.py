@@ -9,7 +9,7 @@ import pytest
 
 from ftctl.dataio import read_table
 from ftctl.errors import FtctlError
-from launch.config import resolve
+from launch.run.config import resolve
 
 
 def task_for(*argv: str):
@@ -79,9 +79,11 @@ def test_stratified_seeded_validation_split(tmp_path):
     again = task_for("--train-file", labelled(tmp_path, labels), "--validation-split", "0.2", "--seed", "3")
     again = again.load().splits
     assert again["validation"]["text"] == splits["validation"]["text"]
-    capped = task_for(
-        "--train-file", labelled(tmp_path, labels), "--max-train-samples", "7", "--max-eval-samples", "3"
-    ).load().splits
+    capped = (
+        task_for("--train-file", labelled(tmp_path, labels), "--max-train-samples", "7", "--max-eval-samples", "3")
+        .load()
+        .splits
+    )
     assert len(capped["train"]) == 7 and len(capped["validation"]) == 3
 
 

@@ -115,7 +115,7 @@ def test_packing_takes_variable_length_attention_on_cuda_with_flash_attn(models,
     import importlib.util
 
     from ftctl import device
-    from launch.config import resolve_values
+    from launch.run.config import resolve_values
     from tasks import generation
 
     real_find = importlib.util.find_spec

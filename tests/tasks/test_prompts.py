@@ -14,7 +14,7 @@ from chat_models import CHAT_FAMILIES
 
 from ftctl.errors import FtctlError
 from ftctl.models import model_family
-from launch.config import resolve_values
+from launch.run.config import resolve_values
 
 DOCUMENT = "the film was good and the plot was lovely"
 

@@ -74,7 +74,7 @@ def test_meteor_with_wordnet_or_a_note():
 
 def test_seqeval_on_hand_made_tags():
     """Entity-level scoring: gold has PER (B I) and LOC; the prediction gets PER right and LOC as ORG."""
-    from launch.config import resolve
+    from launch.run.config import resolve
 
     task = resolve(["--task", "ner"], prog="test").task
     task = task.bind(state={"label_names": ["O", "B-PER", "I-PER", "B-LOC", "B-ORG"]})
@@ -91,7 +91,7 @@ def test_seqeval_on_hand_made_tags():
 
 
 def test_pearson_and_spearman():
-    from launch.config import resolve
+    from launch.run.config import resolve
 
     task = resolve(["--task", "stsb"], prog="test").task
     scores = task.compute_metrics(np.array([1.0, 2.0, 3.0, 5.0]), np.array([1.0, 2.0, 3.0, 4.0]), None)
@@ -103,7 +103,7 @@ def test_pearson_and_spearman():
 
 def test_qa_post_processing_picks_the_best_span_across_windows():
     """Two windows of one question: the answer is in the second; the first's best span is weaker."""
-    from launch.config import resolve
+    from launch.run.config import resolve
 
     task = resolve(["--task", "squad", "--max-answer-length", "2"], prog="test").task
     context = "alpha beta gamma delta"

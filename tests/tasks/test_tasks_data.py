@@ -11,7 +11,7 @@ from conftest import data_args
 
 from ftctl.errors import FtctlError, run_main
 from ftctl.vocab import Family
-from launch.config import resolve
+from launch.run.config import resolve
 
 
 def task_for(*argv: str):

@@ -2,7 +2,7 @@
 
 `ftctl train`, `evaluate`, `merge`, `predict`, `generate` and grid planning all turn options into a `Run` here (a
 finished run through `locate` and `from_saved`): the options
-resolved (`launch.config`), the backbone's config read (no weights), its family found, the task fitted to it, the
+resolved (`launch.run.config`), the backbone's config read (no weights), its family found, the task fitted to it, the
 precision checked, the launch facts read (from `--deepspeed`, an accelerate config or the environment accelerate's
 launcher exports) and the method's refusals asked. So they refuse exactly the same things, before anything is
 loaded or written.
@@ -25,10 +25,10 @@ from ftctl.errors import FtctlError
 from ftctl.facts import DataFacts, LaunchFacts
 from ftctl.models import check_precision, load_config, load_tokenizer, model_family, resolve_model
 from ftctl.vocab import Family
-from launch import configs, tracking
-from launch.cache import encode_cached
-from launch.config import Resolved, resolve, resolve_values, stored_values
-from launch.rundir import RUN_FILE, SPEC_FILE, read_json
+from launch.run import configs, tracking
+from launch.run.cache import encode_cached
+from launch.run.config import Resolved, resolve, resolve_values, stored_values
+from launch.run.rundir import RUN_FILE, SPEC_FILE, read_json
 from methods.base import Context, Method
 from tasks import TASKS
 from tasks.base import LoadedData, Task

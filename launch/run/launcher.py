@@ -19,7 +19,7 @@ import torch
 
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
-from launch.configs import (
+from launch.run.configs import (
     ACCELERATE_CONFIGS,
     child_environment,
     read_accelerate,
