@@ -4,7 +4,6 @@ The overrides of the Trainer's private methods live apart, in launch/run/trainer
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,6 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
-from transformers.trainer_callback import TrainerState
 
 from ftctl.config import RunConfig
 from ftctl.vocab import Family
@@ -35,7 +33,7 @@ from methods.base import Method
 from tasks.base import GENERATION_PREFIX, ScoresChoices, Task, TrainsOnOtherBatches
 
 if TYPE_CHECKING:  # annotations only
-    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers import TrainingArguments
 
 
 class DropKeys:
@@ -255,19 +253,6 @@ class FtctlTrainer(TrainerInternals):
         return batches, items
 
 
-class CopySpec(TrainerCallback):
-    """Puts the run spec into every checkpoint, so a checkpoint alone can be evaluated or resumed."""
-
-    def __init__(self, spec_path: Path):
-        self.spec_path = spec_path
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir():
-                shutil.copy2(self.spec_path, checkpoint / self.spec_path.name)
-
-
 def build_trainer(
     cfg: RunConfig,
     args: TrainingArguments,
@@ -282,7 +267,6 @@ def build_trainer(
 ) -> FtctlTrainer:
     callbacks: list[Any] = [RichProgress(), GracefulStop(), *method.callbacks(), *extra_callbacks]
     if run_dir is not None:
-        callbacks.append(CopySpec(run_dir / "spec.json"))
         callbacks.append(EventLog(run_dir / EVENTS_FILE))
         if "tensorboard" in cfg.report_to and args.process_index == 0:
             callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))

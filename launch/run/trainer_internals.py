@@ -9,6 +9,7 @@ when one differs, so an upgrade names what to look at instead of breaking a run 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ TIME_FILE = "ftctl_time.json"  # in each checkpoint: the run's training seconds 
 # name -> the parameters ftctl's code relies on (overridden: the Trainer calls ours with them; called: we call its)
 PRIVATE: dict[str, tuple[str, ...]] = {
     "_get_output_dir": ("self", "trial"),  # overridden: checkpoints are staged, then promoted atomically
-    "_save_checkpoint": ("self", "model", "trial"),  # overridden: the same, and the training time beside them
+    "_save_checkpoint": ("self", "model", "trial"),  # overridden: the same, with the run spec and training time
     "_get_train_sampler": ("self", "train_dataset"),  # overridden: length groups of the global batch
     "_get_eval_sampler": ("self", "eval_dataset"),  # overridden: evaluation keeps the dataset's order
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),  # called: a finished run's last weights
@@ -64,6 +65,9 @@ class TrainerInternals(Trainer):
                 if self.args.should_save:  # in the staged checkpoint: promoted with it, atomically
                     checkpoint = Path(root) / f"checkpoint-{self.state.global_step}"
                     rundir.write_json(checkpoint / TIME_FILE, {"train_seconds": self.training_seconds()})
+                    spec = Path(run_dir) / rundir.SPEC_FILE  # a checkpoint alone can be evaluated or resumed
+                    if spec.is_file():
+                        shutil.copy2(spec, checkpoint / rundir.SPEC_FILE)
             finally:
                 self._checkpoint_root = None
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from launch.studies.spec import DONE, EXCLUDED, FAILED, INTERRUPTED, PENDING, REFUSED, TRAINED, Cell
-
-if TYPE_CHECKING:  # annotations only: the runner builds its display
-    from launch.studies.runner import Runner
+from launch.studies.state import View
 
 
 class Display:
@@ -30,8 +29,8 @@ class Display:
         PENDING: "",
     }
 
-    def __init__(self, runner: Runner):
-        self.runner = runner
+    def __init__(self, view: Callable[[], View]):
+        self.view = view  # the grid as it is now: a snapshot the scheduler makes
         # the terminal as it is now: a cell's evaluation redirects sys.stdout to its log for a while
         self.console = Console(file=sys.stdout, highlight=False)
         self.live: Any = None
@@ -64,16 +63,14 @@ class Display:
         return f"{s['metric']} {before}{s['after']:.4f}"
 
     def table(self) -> Any:
-        runner = self.runner
-        done = sum(c.status == DONE for c in runner.cells)
-        total = sum(c.status not in (REFUSED, EXCLUDED) for c in runner.cells)
-        elapsed = time.time() - runner.clock
-        table = Table(
-            title=f"grid {runner.spec.name}: {done}/{total} cells done, {elapsed:.0f} s", title_justify="left"
-        )
+        grid = self.view()
+        done = sum(c.status == DONE for c in grid.cells)
+        total = sum(c.status not in (REFUSED, EXCLUDED) for c in grid.cells)
+        elapsed = time.time() - grid.clock
+        table = Table(title=f"grid {grid.name}: {done}/{total} cells done, {elapsed:.0f} s", title_justify="left")
         for column in ("model", "task", "method", "seed", "status", "where", "time", "result"):
             table.add_column(column, overflow="fold")
-        for cell in runner.cells:
+        for cell in grid.cells:
             style = "bold" if cell.stage else self.STYLE.get(cell.status, "")
             seconds = time.time() - cell.started if cell.stage and cell.started else cell.seconds
             result = self._metric(cell) or (cell.error or "")[:100]
@@ -93,17 +90,15 @@ class Display:
     def event(self, cell: Cell, what: str) -> None:
         if self.live is not None:
             return
-        runner = self.runner
-        position = runner.cells.index(cell) + 1
+        grid = self.view()
+        position, total = grid.cells.index(cell) + 1, len(grid.cells)
         if what == "start":
-            where = f" ({cell.where})" if cell.where and len(runner.active) > 1 else ""
-            self.console.print(f"[{position}/{len(runner.cells)}] {cell.id}: running{where}", markup=False)
+            where = f" ({cell.where})" if cell.where and grid.running > 1 else ""
+            self.console.print(f"[{position}/{total}] {cell.id}: running{where}", markup=False)
         else:
             outcome = self._metric(cell) if cell.status == DONE else (cell.error or cell.status)
             took = f" in {cell.seconds:.0f} s" if cell.seconds else ""
-            self.console.print(
-                f"[{position}/{len(runner.cells)}] {cell.id}: {cell.status}{took}: {outcome}", markup=False
-            )
+            self.console.print(f"[{position}/{total}] {cell.id}: {cell.status}{took}: {outcome}", markup=False)
 
     def message(self, text: str) -> None:
         """A line about the grid's progress outside one cell (a search trial): printed unless the live table shows

@@ -35,11 +35,11 @@ from launch.run.planning.fit import parse_size
 from launch.run.quiet import quiet
 from launch.studies import report
 from launch.studies import search as searching
-from launch.studies.executors import RETRIES, Machine, RayCluster
-from launch.studies.runner import CONFIGS, GRID_FILE, LOGS, SPEC_COPY, CellsFailed, Runner, cell_launcher
-from launch.studies.runner import needs as cell_needs
-from launch.studies.runner import plan as plan_cells
+from launch.studies.executors import RETRIES, Executor, Machine, RayCluster
+from launch.studies.planning import cell_launcher, cell_needs, plan_cells
+from launch.studies.scheduler import CellsFailed, Scheduler
 from launch.studies.spec import FAILED, FINAL, REFUSED, TRAINED, GridSpec, expand, load_spec
+from launch.studies.state import CONFIGS, GRID_FILE, LOGS, SPEC_COPY
 
 LOCK = ".grid.lock"
 
@@ -181,17 +181,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loaded = plan_cells(spec, cells, grid_dir, launch_options)
     command = ["ftctl", "grid", *argv]
     if opts["dry_run"]:
-        return _dry_run(Runner(spec, cells, grid_dir, launch_options, command, found))
+        return _dry_run(Scheduler(spec, cells, grid_dir, launch_options, command, found))
     executor = _executor(opts, grid_dir)
     try:
-        # predicted memory packs cells onto GPUs (or the host's memory) when several run at once
-        predict = isinstance(executor, RayCluster) or executor.jobs > 1
-        needs = cell_needs(cells, loaded, executor, opts["limit_mb"], predict)
-        runner = Runner(spec, cells, grid_dir, launch_options, command, found, executor, needs, opts["retries"])
+        # predicted memory packs cells onto GPUs (or the host's memory) where the executor packs them
+        needs = cell_needs(cells, loaded, executor, opts["limit_mb"])
+        runner = Scheduler(spec, cells, grid_dir, launch_options, command, found, executor, needs, opts["retries"])
         return _run(runner, opts, console=Console(highlight=False))
     finally:
-        if isinstance(executor, RayCluster):
-            executor.shutdown()
+        executor.close()
 
 
 def _check_executor_options(opts: dict[str, Any]) -> float | None:
@@ -207,7 +205,7 @@ def _check_executor_options(opts: dict[str, Any]) -> float | None:
     return parse_size(opts["gpu_memory"]) if opts["gpu_memory"] else None
 
 
-def _executor(opts: dict[str, Any], grid_dir: Path) -> Machine | RayCluster:
+def _executor(opts: dict[str, Any], grid_dir: Path) -> Executor:
     """This machine, or the Ray cluster (connected, and checked to share the grid directory). A grid directory made
     only for that check is removed when the check fails."""
     if opts["executor"] != "ray":
@@ -221,7 +219,7 @@ def _executor(opts: dict[str, Any], grid_dir: Path) -> Machine | RayCluster:
         raise
 
 
-def _where(runner: Runner) -> str:
+def _where(runner: Scheduler) -> str:
     """Where the cells run, when not one at a time here."""
     described = runner.executor.describe()
     if described["kind"] == "ray":
@@ -229,7 +227,7 @@ def _where(runner: Runner) -> str:
     return f" ({described['jobs']} at a time on {described['devices']})" if described["jobs"] > 1 else ""
 
 
-def _dry_run(runner: Runner) -> dict[str, Any]:
+def _dry_run(runner: Scheduler) -> dict[str, Any]:
     state = runner.state()
     for item in runner.searches:
         chosen = f"chosen: {item.cells[0].searched}" if item.cells[0].searched else f"{item.size()} trials"
@@ -244,7 +242,7 @@ def _dry_run(runner: Runner) -> dict[str, Any]:
     return state
 
 
-def _run(runner: Runner, opts: dict[str, Any], console: Any) -> dict[str, Any]:
+def _run(runner: Scheduler, opts: dict[str, Any], console: Any) -> dict[str, Any]:
     spec, cells, grid_dir = runner.spec, runner.cells, runner.dir
 
     grid_dir.mkdir(parents=True, exist_ok=True)

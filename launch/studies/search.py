@@ -45,7 +45,7 @@ MIN_RESOURCE = 50  # percent of training a trial always gets
 REDUCTION = 2
 
 
-def _optuna() -> Any:
+def optuna_module() -> Any:
     import optuna  # deferred: a heavy import (SQLAlchemy, alembic), paid only by grids that search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -71,7 +71,7 @@ class Search:
         return f"{self.key}-{hashlib.sha1(digest.encode()).hexdigest()[:10]}"
 
     def study(self) -> Any:
-        optuna = _optuna()
+        optuna = optuna_module()
         self.root.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{(self.root / STORAGE).resolve()}")
         return optuna.create_study(
@@ -184,6 +184,28 @@ def _check_trials_evaluate(search: Search) -> None:
             f"search: the trials of {search.key} would never evaluate (eval_strategy: no); give the search its own "
             "evaluation schedule, e.g. `search: {settings: {eval_strategy: epoch, save_strategy: epoch}}`"
         )
+
+
+def interrupted(study: Any) -> list[Any]:
+    """The trials a signal stopped in an earlier run of the grid (still RUNNING in the study), to run again first.
+    Optuna has no public way to take up a RUNNING trial again: its `Trial` is built from the frozen trial's storage
+    id, the one private attribute ftctl reads from Optuna."""
+    optuna = optuna_module()
+    running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    return [optuna.trial.Trial(study, frozen._trial_id) for frozen in running]
+
+
+def ask(study: Any, space: dict[str, list[Any]]) -> Any:
+    """A new trial, its values drawn from the space (every searched option is categorical: a list of values)."""
+    trial = study.ask()
+    for name, values in space.items():
+        trial.suggest_categorical(name, values)
+    return trial
+
+
+def trial_state(name: str) -> Any:
+    """Optuna's TrialState of that name (PRUNED, FAIL)."""
+    return getattr(optuna_module().trial.TrialState, name)
 
 
 def tell(study: Any, trial: Any, value: float | None = None, state: Any = None) -> None:

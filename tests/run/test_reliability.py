@@ -178,6 +178,25 @@ def test_checkpoint_killed_midway_leaves_nothing_that_looks_complete(train, monk
     assert run_json(out)["global_step"] == 40
 
 
+def test_a_checkpoint_appears_whole_with_its_spec_and_training_time(train, monkeypatch, tmp_path):
+    """A checkpoint is promoted from staging with everything resuming needs already inside: a process killed right
+    after the rename leaves no checkpoint without its run spec (which --resume would refuse)."""
+    from launch.run import reliability
+
+    promoted = []
+    original = reliability._promote
+
+    def watched(source: str, target: str, staging: str) -> None:
+        promoted.append(sorted(p.name for p in Path(source).iterdir()))
+        original(source, target, staging)
+
+    monkeypatch.setattr(reliability, "_promote", watched)
+    train("--save-every", "10", "--max-steps", "20", "--no-eval-on-start", name="whole")
+    assert len(promoted) == 2
+    for names in promoted:
+        assert "spec.json" in names and "ftctl_time.json" in names and "trainer_state.json" in names, names
+
+
 def test_training_diverged_stops_with_the_step_and_last_checkpoint(train, monkeypatch, tmp_path):
     from launch.run.reliability import TrainingDiverged
     from launch.run.trainer import FtctlTrainer
