@@ -5,7 +5,7 @@ DEMO_DIR ?= runs/demo-sst2-lora
 # the run layer: its internals (launch/run/) and its front doors (launch/*.py but the CLI): pyproject.toml's contract
 RUN_LAYER := launch/run $(filter-out launch/cli.py,$(wildcard launch/*.py))
 
-.PHONY: setup demo test test-slow test-all lint wheel-check bench clean
+.PHONY: setup demo test test-slow test-all lint wheel-check bench clean catalogue
 
 setup:
 	@./scripts/setup.sh
@@ -32,6 +32,10 @@ lint: setup
 	$(BIN)/ruff check ftctl launch tasks methods tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy ftctl $(RUN_LAYER)
+
+# The README's and docs' task and method tables, rewritten from the registries (tests/kernel/test_docs.py checks them)
+catalogue: setup
+	$(BIN)/ftctl list --update README.md docs/tasks.md docs/methods.md
 
 # The wheel installed in a fresh virtualenv works from any directory (scripts/wheel_check.sh).
 wheel-check: setup

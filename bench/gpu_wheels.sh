@@ -3,7 +3,7 @@
 # itself, `datasets` with the two packages of its own the image lacks (dill, multiprocess), and pydantic with its
 # three (pydantic-core, annotated-types, typing-inspection), and the metric libraries nltk, rouge-score and seqeval,
 # each at the version this checkout's .venv runs. ftctl's
-# other top-level imports (torch, transformers, peft, numpy, rich, yaml, safetensors, typer, pandas, scipy,
+# other top-level imports (torch, transformers, peft, numpy, rich, yaml, safetensors, pandas, scipy,
 # huggingface_hub) are there (checked by importing launch.cli there: bench/gpu_device.sh).
 # Writes them to bench/out/wheels (not committed) and prints their sizes against the 64 MiB one device call carries.
 # With --with-bitsandbytes it adds bitsandbytes' wheel (for the QLoRA row) and says whether it still fits.

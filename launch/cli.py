@@ -1,42 +1,25 @@
 """`ftctl`: the command-line front door. Import-light (no torch, no transformers) so `ftctl --help` is instant.
 
-`ftctl train` and `ftctl evaluate` hand their arguments to the same parsers and `main` functions as
-`python -m launch.train` and `python -m launch.evaluate`, so every entry point takes the same options.
+Every command hands its arguments to the argparse parser and `main` function of its front door (`ftctl train` to
+`launch.train.main`, the same one `python -m launch.train` and `accelerate launch -m launch.train` run), so every
+entry point takes the same options and prints the same messages. This file only dispatches: argparse is the one CLI
+framework (options are declared once, as dataclass fields, in ftctl/options.py; click-based parsers cannot take
+several values after one flag, as `--target-modules q_proj v_proj` does).
 """
 
 from __future__ import annotations
 
-import typer
+import importlib
+import sys
+from collections.abc import Callable
 
-app = typer.Typer(
-    name="ftctl",
-    help="Fine-tune transformer backbones on NLP tasks with any standard method, and score the results.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-)
-
-FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-
-def _forward(main, args: list[str]) -> int:
-    from ftctl.errors import run_main
-
-    try:
-        return run_main(main, args)
-    except SystemExit as exc:  # argparse exits after printing --help
-        return int(exc.code or 0)
-
-
-@app.command(context_settings=FORWARD, add_help_option=False)
-def train(ctx: typer.Context) -> None:
-    """Fine-tune a model on a task with a method. All options: [bold]ftctl train --help[/]."""
-    raise typer.Exit(_forward(_train, ctx.args))
+PROG = "ftctl"
+SUMMARY = "Fine-tune transformer backbones on NLP tasks with any standard method, and score the results."
 
 
 def _train(argv: list[str]) -> None:
     """Run training here, or through accelerate's launcher when launcher options are given."""
-    from launch.run import launcher
+    from launch.run import launcher  # import-light CLI: the run layer only once a command runs
     from launch.train import main
 
     if any(a in ("-h", "--help") for a in argv):
@@ -50,139 +33,91 @@ def _train(argv: list[str]) -> None:
     main(rest, prog="ftctl train")
 
 
-@app.command(context_settings=FORWARD, add_help_option=False)
-def evaluate(ctx: typer.Context) -> None:
-    """Score a fine-tuned run directory or checkpoint. All options: [bold]ftctl evaluate --help[/]."""
-    from launch.evaluate import main
-
-    raise typer.Exit(_forward(main, ctx.args))
-
-
-@app.command(context_settings=FORWARD, add_help_option=False)
-def predict(ctx: typer.Context) -> None:
-    """Run a fine-tuned model on new, unlabelled inputs. All options: [bold]ftctl predict --help[/]."""
-    from launch.predict import main
-
-    raise typer.Exit(_forward(main, ctx.args))
-
-
-@app.command(context_settings=FORWARD, add_help_option=False)
-def generate(ctx: typer.Context) -> None:
-    """Have a generative run answer prompts. All options: [bold]ftctl generate --help[/]."""
-    from launch.predict import generate as main
-
-    raise typer.Exit(_forward(main, ctx.args))
-
-
-@app.command(context_settings=FORWARD, add_help_option=False)
-def merge(ctx: typer.Context) -> None:
-    """Fold a run's LoRA-family adapter into its base model. All options: [bold]ftctl merge --help[/]."""
-    from launch.merge import main
-
-    raise typer.Exit(_forward(main, ctx.args))
-
-
-FAMILY_SHORT = {"encoder": "enc", "decoder": "dec", "encoder-decoder": "enc-dec"}
-
-
-@app.command("list")
-def list_(
-    tasks: bool = typer.Option(False, "--tasks", help="only tasks"),
-    methods: bool = typer.Option(False, "--methods", help="only methods"),
-) -> None:
-    """What ftctl can do: tasks with their presets and metrics, methods with what they train and the compatibility
-    matrix (which architecture families each method runs on, per task kind)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    import methods as method_registry
-    import tasks as task_registry
-
-    console = Console()
-    show_all = not (tasks or methods)
-    if tasks or show_all:
-        table = Table(title="tasks", title_justify="left")
-        table.add_column("preset", no_wrap=True, style="bold")
-        for column in ("task", "families", "metrics", "data"):
-            table.add_column(column, overflow="fold")
-        for name, spec in task_registry.TASKS.items():
-            preset = spec.preset
-            data = preset.description
-            if preset.hub:
-                data += f" [dim](hub: {preset.hub[0]})[/]"
-            table.add_row(name, spec.cls.name, " ".join(spec.cls.families), " ".join(spec.cls.metrics), data)
-        console.print(table)
-    if methods or show_all:
-        table = Table(title="methods", title_justify="left")
-        table.add_column("method", no_wrap=True, style="bold")
-        for column in ("trains", "options", "what it is"):
-            table.add_column(column, overflow="fold")
-        for name, spec in method_registry.METHODS.items():
-            options = " ".join(s.flag for s in spec.option_specs())
-            table.add_row(name, spec.trains, options, spec.description)
-        console.print(table)
-
-        from methods import matrix
-
-        rows = matrix.table(method_registry.METHODS.items())
-        kinds = list(rows[0]["cells"]) if rows else []
-        table = Table(
-            title="compatibility: architecture families per task kind (x = refused, with the reason, before "
-            "anything is loaded)",
-            title_justify="left",
-        )
-        table.add_column("method", no_wrap=True, style="bold")
-        for kind in kinds:
-            table.add_column(kind, overflow="fold")
-        table.add_column("also refused with", overflow="fold")
-        table.add_column("merge", no_wrap=True)
-        marks = {matrix.SUPPORTED: "[green]✓[/]", matrix.REFUSED: "[red]x[/]"}
-        for row in rows:
-            cells = [
-                " ".join(
-                    f"{marks[verdict]} {FAMILY_SHORT[family]}"
-                    for family, verdict in row["cells"][kind].items()
-                    if verdict != matrix.NOT_A_TASK_FAMILY
-                )
-                for kind in kinds
-            ]
-            merge = "✓" if row["mergeable"] else "-"
-            table.add_row(row["method"], *cells, "; ".join(row["conditions"]) or "-", merge)
-        console.print(table)
-
-
-@app.command(context_settings=FORWARD, add_help_option=False)
-def plan(ctx: typer.Context) -> None:
-    """Predict peak memory and time of a run (train options) or of every cell of a grid (GRID.yaml), before
-    anything is loaded; --gpu-memory 16GiB says what fits."""
-    raise typer.Exit(_forward(_plan, ctx.args))
-
-
 def _plan(argv: list[str]) -> None:
     if argv and not argv[0].startswith("-"):  # `ftctl plan GRID.yaml [options]` (a path or a shipped recipe)
-        from launch.studies.grid import plan_main
+        from launch.studies.grid import plan_main  # import-light CLI
 
         plan_main(argv)
         return
-    from launch.plan import main
+    from launch.plan import main  # import-light CLI
 
     main(argv)
 
 
-@app.command(context_settings=FORWARD, add_help_option=False)
-def grid(ctx: typer.Context) -> None:
-    """Run a comparison grid from a YAML file; re-run it to resume. All options: [bold]ftctl grid --help[/]."""
-    from launch.studies.grid import main
+def _entry(target: str) -> Callable[[list[str]], object]:
+    """`module:function`, imported only when its command runs."""
 
-    raise typer.Exit(_forward(main, ctx.args))
+    def run(argv: list[str]) -> object:
+        module, _, function = target.partition(":")
+        return getattr(importlib.import_module(module), function)(argv)
+
+    return run
 
 
-@app.command(context_settings=FORWARD, add_help_option=False)
-def report(ctx: typer.Context) -> None:
-    """Compare finished runs or a grid: tables and plots. All options: [bold]ftctl report --help[/]."""
-    from launch.studies.report import main
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], object]]] = {
+    "train": ("Fine-tune a model on a task with a method.", _train),
+    "evaluate": ("Score a fine-tuned run directory or checkpoint.", _entry("launch.evaluate:main")),
+    "predict": ("Run a fine-tuned model on new, unlabelled inputs.", _entry("launch.predict:main")),
+    "generate": ("Have a generative run answer prompts.", _entry("launch.predict:generate")),
+    "merge": ("Fold a run's LoRA-family adapter into its base model.", _entry("launch.merge:main")),
+    "list": ("What ftctl can do: tasks, presets, methods and which combinations run.", _entry("launch.catalogue:main")),
+    "plan": (
+        "Predict peak memory and time of a run (train options) or of every cell of a grid (GRID.yaml), before "
+        "anything is loaded; --gpu-memory 16GiB says what fits.",
+        _plan,
+    ),
+    "grid": ("Run a comparison grid from a YAML file; re-run it to resume.", _entry("launch.studies.grid:main")),
+    "report": ("Compare finished runs or a grid: tables and plots.", _entry("launch.studies.report:main")),
+}
 
-    raise typer.Exit(_forward(main, ctx.args))
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} COMMAND [OPTIONS]", "", SUMMARY, "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (help_, _) in COMMANDS.items()]
+    lines += ["", f"All options of a command: {PROG} COMMAND --help"]
+    return "\n".join(lines)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("ftctl")
+    except PackageNotFoundError:  # a checkout run with PYTHONPATH, not installed
+        return "unknown (not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `ftctl COMMAND ...`; the exit code (2 for bad input, with one `error:` line)."""
+    from ftctl.errors import run_main  # light: the kernel's error type, no torch
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"{PROG} {version()}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(
+            f"error: unknown command {name!r}; the commands are {', '.join(COMMANDS)} ({PROG} --help)", file=sys.stderr
+        )
+        return 2
+    try:
+        return run_main(COMMANDS[name][1], rest)
+    except SystemExit as exc:  # argparse exits after --help (0) or a bad option (2)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+
+
+def app() -> None:
+    """The `ftctl` console script."""
+    raise SystemExit(main())
 
 
 if __name__ == "__main__":

@@ -96,8 +96,15 @@ class Lora(PeftMethod):
         # alpha 12: at the default r = 8 the update is scaled by 12/sqrt(8) = 4.2, about LoRA's 32/8 = 4, and rsLoRA's
         # 1/sqrt(r) rule takes over as r changes; with LoRA's alpha 32 (scale 11.3) SST-2 with MiniLM fell to 0.787
         # on dev, with 12 it reached 0.820 (bench/RESULTS.md)
-        "rslora": {"use_rslora": True, "default_alpha": 12},
-        "dora": {"use_dora": True},
+        "rslora": {
+            "use_rslora": True,
+            "default_alpha": 12,
+            "description": "rank-stabilized LoRA: the update scaled by alpha/sqrt(r), not alpha/r",
+        },
+        "dora": {
+            "use_dora": True,
+            "description": "weight-decomposed LoRA (DoRA): a learned magnitude per output, LoRA on the direction",
+        },
         "qlora": {
             "bits": 4,
             "description": "LoRA on a bitsandbytes 4-bit NF4 base (double quantization)",

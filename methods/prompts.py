@@ -109,15 +109,24 @@ class SoftPrompt(PeftMethod):
     trains = "virtual tokens (or per-layer prefixes) + head"
     Options = PromptOptions
     variants = {
-        "prompt_tuning": {"kind": PROMPT},
-        "p_tuning": {"kind": ENCODER, "defaults": {"*": {"load_best_model_at_end": False}}},
-        "prefix_tuning": {"kind": PREFIX, "projection": False},
+        "prompt_tuning": {"kind": PROMPT, "description": "prompt tuning: learned virtual tokens before the input"},
+        "p_tuning": {
+            "kind": ENCODER,
+            "defaults": {"*": {"load_best_model_at_end": False}},
+            "description": "P-tuning: virtual tokens produced by a small prompt encoder",
+        },
+        "prefix_tuning": {
+            "kind": PREFIX,
+            "projection": False,
+            "description": "prefix tuning: learned keys and values prepended in every layer's attention",
+        },
         # the prefix projection (an MLP producing every layer's keys and values) does not learn at 1e-2 or 3e-3:
         # SST-2 with MiniLM stayed at the majority class (0.509 on dev); 1e-3 reached 0.789
         "p_tuning_v2": {
             "kind": PREFIX,
             "projection": True,
             "defaults": {"*": {"load_best_model_at_end": False, "learning_rate": 1e-3}},
+            "description": "P-tuning v2 (deep prompts): per-layer prefixes produced through a projection",
         },
     }
     refusals = REFUSALS

@@ -120,14 +120,12 @@ def test_matrix_table_covers_registered_tasks_and_marks_families_a_task_lacks():
     assert matrix.row(METHODS.get("lora").cls, "lora", shape)["encoder-decoder"] == matrix.NOT_A_TASK_FAMILY
 
 
-def test_list_methods_prints_every_method_with_its_compatibility_row():
-    from typer.testing import CliRunner
+def test_list_methods_prints_every_method_with_its_compatibility_row(capsys):
+    from launch.cli import main
 
-    from launch.cli import app
-
-    result = CliRunner().invoke(app, ["list", "--methods"], env={"COLUMNS": "300"})
-    assert result.exit_code == 0, result.output
-    methods_table, _, compatibility = result.output.partition("compatibility")
+    assert main(["list", "--methods"]) == 0
+    output = capsys.readouterr().out
+    methods_table, _, compatibility = output.partition("compatibility")
     rows = {line.split("│")[1].strip(): line for line in compatibility.splitlines() if line.startswith("│")}
     assert set(METHODS) <= set(rows)
     assert all(name in methods_table for name in METHODS)
