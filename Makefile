@@ -5,7 +5,7 @@ DEMO_DIR ?= runs/demo-sst2-lora
 # the run layer: its internals (launch/run/) and its front doors (launch/*.py but the CLI): pyproject.toml's contract
 RUN_LAYER := launch/run $(filter-out launch/cli.py,$(wildcard launch/*.py))
 
-.PHONY: setup demo test test-slow test-all lint wheel-check bench clean catalogue
+.PHONY: setup demo test test-unit test-slow test-all lint wheel-check bench clean catalogue
 
 setup:
 	@./scripts/setup.sh
@@ -19,6 +19,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
 
+# The unit tier alone (no training; under two minutes): tests/conftest.py's UNIT_MODULES
+test-unit: setup
+	$(BIN)/python -m pytest -n 2 -q -m unit
+
 # Slow tests: multi-process and real-model checks.
 # (--dist loadgroup: tests sharing an xdist_group share a worker, and a module fixture computed once)
 test-slow: setup
@@ -27,11 +31,11 @@ test-slow: setup
 test-all: setup
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "slow or not slow"
 
-# ruff; the layer contract (import-linter, pyproject.toml); the type checker over the kernel and the run layer
+# ruff; the layer contract (import-linter, pyproject.toml); the type checker over the kernel, the run layer and the studies
 lint: setup
 	$(BIN)/ruff check ftctl launch tasks methods tests bench
 	$(BIN)/lint-imports
-	$(BIN)/mypy ftctl $(RUN_LAYER)
+	$(BIN)/mypy ftctl $(RUN_LAYER) launch/studies
 
 # The README's and docs' task and method tables, rewritten from the registries (tests/kernel/test_docs.py checks them)
 catalogue: setup

@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft, accelerate, bitsandbytes, datasets, launch.cli; print('torch', torch.__version__, torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', bitsandbytes.__version__, 'datasets', datasets.__version__, 'flash_attn', __import__('importlib').util.find_spec('flash_attn') is not None)"
 echo "== tests (background) + smoke ($(date -u +%T), $(left) s left)"
 OMP_NUM_THREADS=2 timeout 200 python3 -m pytest -n 6 -q --timeout 150 \
-    tests/run/test_precision.py tests/run/test_lm_loss.py tests/tasks/test_packing.py tests/run/test_step_syncs.py \
+    tests/gpu tests/run/test_precision.py tests/run/test_lm_loss.py tests/tasks/test_packing.py tests/run/test_step_syncs.py \
     tests/run/test_llm.py tests/methods/test_methods.py tests/methods/test_method_details.py \
     > "$out/pytest.log" 2>&1 &
 tests=$!

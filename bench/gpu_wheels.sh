@@ -2,7 +2,7 @@
 # The wheels `python -m bench.gpu` needs on the GPU machine beyond its image (the device tool's KINDS.md): ftctl
 # itself, `datasets` with the two packages of its own the image lacks (dill, multiprocess), and pydantic with its
 # three (pydantic-core, annotated-types, typing-inspection), and the metric libraries nltk, rouge-score and seqeval,
-# each at the version this checkout's .venv runs. ftctl's
+# pytest-xdist, execnet and pytest-timeout for the gpu test tier, each at the version this checkout's .venv runs. ftctl's
 # other top-level imports (torch, transformers, peft, numpy, rich, yaml, safetensors, pandas, scipy,
 # huggingface_hub) are there (checked by importing launch.cli there: bench/gpu_device.sh).
 # Writes them to bench/out/wheels (not committed) and prints their sizes against the 64 MiB one device call carries.
@@ -18,7 +18,8 @@ mkdir -p "$out"
 .venv/bin/python -m pip wheel --no-deps -q -w "$out" .
 pinned() { .venv/bin/python -c "from importlib.metadata import version; print('$1==' + version('$1'))"; }
 packages=()
-for name in datasets dill multiprocess pydantic pydantic_core annotated-types typing-inspection nltk; do
+for name in datasets dill multiprocess pydantic pydantic_core annotated-types typing-inspection nltk \
+    pytest-xdist execnet pytest-timeout; do
     packages+=("$(pinned "$name")")
 done
 [ "${1:-}" = "--with-bitsandbytes" ] && packages+=("$(pinned bitsandbytes)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed
 
 PROG = "ftctl"
 SUMMARY = "Fine-tune transformer backbones on NLP tasks with any standard method, and score the results."
@@ -19,7 +21,8 @@ SUMMARY = "Fine-tune transformer backbones on NLP tasks with any standard method
 
 def _train(argv: list[str]) -> None:
     """Run training here, or through accelerate's launcher when launcher options are given."""
-    from launch.run import launcher  # import-light CLI: the run layer only once a command runs
+    # import-light CLI: the run layer only once a command runs
+    from launch.run import launcher
     from launch.train import main
 
     if any(a in ("-h", "--help") for a in argv):
@@ -80,9 +83,6 @@ def usage() -> str:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
     try:
         return installed("ftctl")
     except PackageNotFoundError:  # a checkout run with PYTHONPATH, not installed

@@ -8,12 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from ftctl.errors import FtctlError
+from ftctl.options import Parser
 from launch.run import rundir, runs
 from launch.run.arguments import total_steps
+from launch.run.console import console
 from launch.run.planning.fit import CUDA_CONTEXT_MB, FRAGMENTATION, needed_mb, parse_size, suggestion
 from launch.run.planning.predict import predict, shape_of
 from launch.run.planning.prediction import Prediction
+from launch.run.quiet import quiet, quiet_transformers
 
 
 def prepared(run: runs.Run) -> tuple[runs.Run, Any, Any, int]:
@@ -50,10 +55,6 @@ def row(label: str, prediction: Prediction, limit_mb: float | None, advice: str 
 
 
 def show(rows: list[dict[str, Any]], limit_mb: float | None) -> None:
-    from rich.table import Table
-
-    from launch.run.console import console
-
     columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "prediction"]
     table = Table(title="ftctl plan: peak memory per process (MiB) and training time, predicted")
     for column in columns:
@@ -71,8 +72,6 @@ def show(rows: list[dict[str, Any]], limit_mb: float | None) -> None:
 
 
 def plan_options(prog: str) -> Any:
-    from ftctl.options import Parser
-
     parser = Parser(prog=prog, add_help=False)
     parser.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory per process (16GiB): which runs fit")
     parser.add_argument("--tflops", type=float, metavar="X", help="device rate per process (default: measured here)")
@@ -108,8 +107,6 @@ def plan_run(run: runs.Run, label: str, opts: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """`ftctl plan [train options]`: one run's predicted peak memory and time; nothing is loaded but configs,
     tokenizer and data."""
-    from launch.run.quiet import quiet, quiet_transformers
-
     quiet()
     quiet_transformers()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -18,9 +18,9 @@ from transformers import TrainerCallback
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import TaskKind
+from methods._matrix import Refusal
 from methods.base import Context, PeftMethod, register_method
 from methods.lora import ALL_LINEAR, DEFAULT_ALPHA, LoraOptions, resolve_targets
-from methods.matrix import Refusal
 from tasks.base import Task
 
 if TYPE_CHECKING:  # annotations only

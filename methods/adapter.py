@@ -1,4 +1,4 @@
-"""Bottleneck adapters (PEFT has none; the layers are in methods/bottleneck.py).
+"""Bottleneck adapters (PEFT has none; the layers are in methods/_bottleneck.py).
 
 - Houlsby (Houlsby et al. 2019, arXiv:1902.00751): an adapter after the attention output projection and after the
   feed-forward output projection of every block, before the residual add and layer norm.
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
+from methods._bottleneck import adapter_names, adapter_sites, inject, load_adapter, save_adapter
 from methods.base import Context, Method, freeze_all_but, register_method
-from methods.bottleneck import adapter_names, adapter_sites, inject, load_adapter, save_adapter
 
 if TYPE_CHECKING:  # annotations only
     import torch

@@ -23,7 +23,7 @@ from ftctl.facts import DataFacts, LaunchFacts
 from ftctl.options import OptionSpec, specs_of
 from ftctl.registry import Registry
 from ftctl.vocab import Family, TaskKind
-from methods import matrix
+from methods import _matrix as matrix
 from tasks.base import Task
 
 if TYPE_CHECKING:  # annotations only
@@ -56,7 +56,7 @@ class Method:
     variants: ClassVar[dict[str, dict[str, Any]]] = {}  # registered name -> fixed settings; empty: just `name`
     is_peft: ClassVar[bool] = False  # saves an adapter (loaded onto the base model) rather than a full model
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # task kind (or "*") -> run option defaults
-    refusals: ClassVar[tuple[matrix.Refusal, ...]] = ()  # combinations it cannot run: its row of methods/matrix.py
+    refusals: ClassVar[tuple[matrix.Refusal, ...]] = ()  # combinations it cannot run: its row of methods/_matrix.py
     mergeable: ClassVar[bool] = False  # `ftctl merge` can fold the trained result into the base weights
     merge_refusal: ClassVar[str] = "its run directory already holds a full model; load it with transformers"
     # Whether the frozen linear layers may be stored in the autocast dtype for training (see `frozen_linears_to`):
@@ -67,6 +67,12 @@ class Method:
         self.opts = opts
         self.variant = variant
         self.settings = settings
+
+    @property
+    def quantized_variant(self) -> str | None:
+        """The registered name of this method on a 4-bit base, which learns the same adapter in less memory (what
+        `ftctl plan` suggests when a run does not fit), or None."""
+        return None
 
     def plain_loss_reason(self) -> str | None:
         """Why this method needs the model's own loss (not launch/run/lm_loss.py's lean one), or None."""

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
+from methods._layers import embedding_modules, layer_stacks
 from methods.base import Context, Method, register_method
-from methods.layers import embedding_modules, layer_stacks
 
 if TYPE_CHECKING:  # annotations only
     import torch

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from methods._matrix import Refusal
 from methods.base import Context, Method, freeze_all_but, register_method
-from methods.matrix import Refusal
 
 if TYPE_CHECKING:  # annotations only
     import torch

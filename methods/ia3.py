@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
+from methods._layers import block_linear_names
 from methods.base import Context, PeftMethod, register_method
-from methods.layers import block_linear_names
 
 if TYPE_CHECKING:  # annotations only
     import torch

@@ -5,7 +5,7 @@ block trains at `lr x decay^d`, the embeddings (below the first block) at `lr x 
 task head and the top block at `lr`. Lower layers hold the most general features and move least (Howard & Ruder
 2018, "discriminative fine-tuning", arXiv:1801.06146; Sun et al. 2019, arXiv:1905.05583 for BERT).
 
-Blocks are found structurally (`methods.layers`); an encoder-decoder's stacks count as one pile, encoder below
+Blocks are found structurally (`methods._layers`); an encoder-decoder's stacks count as one pile, encoder below
 decoder. A parameter outside the blocks (a final norm) takes the depth of the block before it. The groups (depth,
 learning rate, parameters, modules) are recorded in run.json.
 """
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
+from methods._layers import embedding_modules, layer_stacks
+from methods._matrix import Refusal
 from methods.base import Context, Method, register_method
-from methods.layers import embedding_modules, layer_stacks
-from methods.matrix import Refusal
 
 if TYPE_CHECKING:  # annotations only
     import torch

@@ -5,7 +5,7 @@
 - `dora`: weight-decomposed LoRA, magnitude and direction trained apart (Liu et al. 2024, arXiv:2402.09353).
 - `qlora`, `qlora8`: LoRA on a base that bitsandbytes loads quantized, 4-bit NF4 with double quantization or 8-bit
   (Dettmers et al. 2023, arXiv:2305.14314): the same options, targets and defaults, plus load-time quantization and
-  PEFT's k-bit preparation (methods/qlora.py). The task head stays in full precision.
+  PEFT's k-bit preparation (methods/_qlora.py). The task head stays in full precision.
 
 The task head is always trained and saved (`modules_to_save`), so the adapter directory alone reproduces the
 fine-tuned model on top of the base; it loads with plain `peft.PeftModel.from_pretrained`.
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
-from methods import qlora
+from methods import _qlora as qlora
+from methods._layers import block_linear_names
 from methods.base import Context, PeftMethod, register_method
-from methods.layers import block_linear_names
 from tasks.base import Task
 
 if TYPE_CHECKING:  # annotations only
@@ -135,6 +135,10 @@ class Lora(PeftMethod):
     def frozen_weights_in_autocast_dtype(self) -> bool:  # type: ignore[override]
         # DoRA normalizes base weight + update outside the autocast products: the base must stay in fp32
         return not self.settings.get("use_dora", False)
+
+    @property
+    def quantized_variant(self) -> str | None:
+        return "qlora" if self.bits is None else None
 
     @property
     def bits(self) -> int | None:

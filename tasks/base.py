@@ -27,10 +27,11 @@ from ftctl.models import from_pretrained
 from ftctl.options import OptionSpec, specs_of
 from ftctl.registry import Registry
 from ftctl.vocab import FAMILIES, Family, TaskKind
+from tasks._views import DetailView, RowView
 
 BUNDLED_DATA = Path(__file__).parent / "data"
 FRESH_MODULES = "ftctl_fresh_modules"  # attribute of a loaded model: modules its checkpoint lacked
-# batch keys holding the prompt to generate from (decoders: tasks/generation.py), not model inputs
+# batch keys holding the prompt to generate from (decoders: tasks/_generation.py), not model inputs
 GENERATION_PREFIX = "generation_"
 
 
@@ -73,19 +74,6 @@ class LoadedData:
     source: str
 
 
-@dataclass(frozen=True)
-class DetailView:
-    """A non-scalar result drawn the same way whatever task it comes from: `matrix` (labels x labels counts, e.g. a
-    confusion matrix) or `bars` (a value per named item, e.g. F1 per entity type). Tasks turn their evaluation
-    details into these (`ReportsDetails`), so the report never names a task's detail keys."""
-
-    kind: str  # matrix or bars
-    title: str
-    labels: list[str]
-    values: Any  # matrix: list of rows of counts; bars: list of values, one per label
-    value_name: str = ""
-
-
 # ---- optional capabilities: a task implements the protocol when it has the behaviour ---------------------------
 @runtime_checkable
 class SamplesGenerations(Protocol):
@@ -113,18 +101,20 @@ class ScoresTexts(Protocol):
 @runtime_checkable
 class ExampleStatistics(Protocol):
     """Metrics recomputable from the predictions file: each row becomes a vector of additive statistics, and the
-    task's metrics are a function of their sums (tasks/statistics.py). Reports resample evaluation examples with
-    it (bootstrap intervals, paired comparisons), corpus-level metrics included. Both hooks read only their
-    arguments (`state` is the run's recorded task state), so a report calls them on a bare task."""
+    task's metrics are a function of their sums (tasks/_statistics.py). Reports resample evaluation examples with
+    it (bootstrap intervals, paired comparisons), corpus-level metrics included. Both hooks are classmethods that
+    read only their arguments (`state` is the run's recorded task state): a report calls them on the task class."""
 
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray: ...
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray: ...
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]: ...
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]: ...
 
 
 @runtime_checkable
 class Prompted(Protocol):
-    """Reads prompts (tasks/prompts.py): a run records their format and its first example as the model read it."""
+    """Reads prompts (tasks/_prompts.py): a run records their format and its first example as the model read it."""
 
     def prompt_record(self, example: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -150,7 +140,8 @@ class ScoresChoices(Protocol):
 class ReportsDetails(Protocol):
     """Evaluation details (metric_details) that a report can draw."""
 
-    def report_details(self, details: Mapping[str, Any]) -> list[DetailView]: ...
+    @classmethod
+    def report_details(cls, details: Mapping[str, Any]) -> list[DetailView]: ...
 
 
 class Task:
@@ -276,6 +267,8 @@ class Task:
     # ---- inference on unlabelled data (`ftctl predict`) ---------------------------------------------------------
     # the fields of a prediction row that describe the gold answer: left out of what `predict` writes
     gold_fields: ClassVar[tuple[str, ...]] = ()
+    # how a report reads the prediction rows: whether one is right, what to show of it
+    row_view: ClassVar[RowView] = RowView()
 
     def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
         """Inputs without answers, made encodable: a placeholder answer where the data has none. The placeholder is

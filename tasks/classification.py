@@ -18,9 +18,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from ftctl.errors import FtctlError
 from ftctl.vocab import Family, TaskKind
-from tasks import labels as class_labels
-from tasks import statistics
-from tasks.base import DetailView, ModelFit, Preset, Task, register_task
+from tasks import _labels as class_labels
+from tasks import _statistics as statistics
+from tasks.base import DetailView, ModelFit, Preset, RowView, Task, register_task
 
 
 @register_task
@@ -189,22 +189,26 @@ class ClassificationTask(Task):
         matrix = confusion_matrix(labels, predicted, labels=ids).tolist()
         return {"per_class": per_class, "confusion_matrix": {"labels": self.label_names, "matrix": matrix}}
 
-    def report_details(self, details: Mapping[str, Any]) -> list[DetailView]:
+    @classmethod
+    def report_details(cls, details: Mapping[str, Any]) -> list[DetailView]:
         cm = details.get("confusion_matrix")
         if not isinstance(cm, dict):
             return []
         return [DetailView("matrix", "confusion matrix", [str(x) for x in cm["labels"]], cm["matrix"], "examples")]
 
-    # ---- statistics for reports (tasks/statistics.py) ---------------------------------------------------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    # ---- statistics for reports (tasks/_statistics.py) ---------------------------------------------------------
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         index = {str(n): i for i, n in enumerate(state["label_names"])}
         gold = [index[str(r["label"])] for r in rows]
         return statistics.class_statistics(gold, [index.get(str(r["prediction"]), -1) for r in rows], len(index))
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.class_metrics(totals, len(state["label_names"]))
 
     gold_fields = ("label", "correct")
+    row_view = RowView("correct", ("text",), "label")
 
     def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
         return self.with_column(ds, self.cfg.label_column, self.state["label_values"][0])

@@ -35,9 +35,9 @@ from ftctl import dataio
 from ftctl.errors import FtctlError, warn
 from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
-from tasks import statistics
-from tasks.base import ModelFit, Preset, Task, fresh_modules, register_task
-from tasks.metrics import exact_match, squad_scores, token_f1
+from tasks import _statistics as statistics
+from tasks._metrics import exact_match, squad_scores, token_f1
+from tasks.base import ModelFit, Preset, RowView, Task, fresh_modules, register_task
 
 if TYPE_CHECKING:  # annotations only
     from transformers import PreTrainedTokenizerBase
@@ -122,7 +122,7 @@ class ExtractiveQaTask(Task):
     def read_file(self, path: str, what: str) -> datasets.Dataset:
         if not path.lower().endswith((".json", ".jsonl")):
             return dataio.read_table(path, what)
-        rows = dataio.read_squad(path, what)
+        rows = read_squad(path, what)
         for row in rows:  # one layout for every source, so the Arrow table has one schema
             if "answers" in row:
                 texts, starts = answers_of(row["answers"], str(row.get("context", "")), what, locate=False)
@@ -282,14 +282,17 @@ class ExtractiveQaTask(Task):
         answers = self.decode(predictions, encoded)
         return [answers[i] for i in sorted(answers)]
 
-    # ---- statistics for reports (tasks/statistics.py): EM and F1 are averages over questions --------------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    # ---- statistics for reports (tasks/_statistics.py): EM and F1 are averages over questions --------------------
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         return statistics.mean_statistics({m: [float(r[m]) for r in rows] for m in ("exact_match", "f1")})
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.mean_metrics(totals, ("exact_match", "f1"), scale=100.0)
 
     gold_fields = ("answers", "exact_match", "f1")
+    row_view = RowView("exact_match", ("question",), "answers")
 
     def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
         return self.with_column(ds, "answers", {"text": [], "answer_start": []})
@@ -323,3 +326,32 @@ def _short_question(question: str, tokenizer: PreTrainedTokenizerBase) -> str:
     if len(enc["input_ids"]) <= MAX_QUESTION_TOKENS:
         return question
     return question[: enc["offset_mapping"][MAX_QUESTION_TOKENS - 1][1]]
+
+
+def read_squad(path: str, what: str) -> list[dict[str, Any]]:
+    """Question-answering rows (`id`, `question`, `context`, `answers`, ...) from the official SQuAD JSON (nested
+    `data` / `paragraphs` / `qas`) or from flat JSON/JSONL rows, which are returned as they are."""
+    rows = dataio.read_json_objects(path, what)
+    if not any("paragraphs" in r for r in rows):
+        return rows
+    flat: list[dict[str, Any]] = []
+    for article in rows:
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph.get("context", "")
+            for qa in paragraph.get("qas", []):
+                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+                flat.append(
+                    {
+                        "id": str(qa.get("id", len(flat))),
+                        "title": article.get("title", ""),
+                        "context": context,
+                        "question": qa.get("question", ""),
+                        "answers": {
+                            "text": [a["text"] for a in answers],
+                            "answer_start": [a.get("answer_start", -1) for a in answers],
+                        },
+                    }
+                )
+    if not flat:
+        raise FtctlError(f"{what} {path} has no questions (SQuAD layout: data / paragraphs / qas)")
+    return flat

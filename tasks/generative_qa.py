@@ -16,12 +16,12 @@ import datasets
 import numpy as np
 
 from ftctl.errors import FtctlError
-from tasks import statistics
+from tasks import _statistics as statistics
+from tasks._generation import GenerationTask
+from tasks._metrics import exact_match, squad_scores, token_f1
+from tasks._prompts import PromptSpec
 from tasks.base import Preset, register_task
 from tasks.extractive_qa import COLUMNS, ExtractiveQaTask, answers_of
-from tasks.generation import GenerationTask
-from tasks.metrics import exact_match, squad_scores, token_f1
-from tasks.prompts import PromptSpec
 
 
 @register_task
@@ -88,8 +88,9 @@ class GenerativeQaTask(GenerationTask):
     def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         return {k: float(v) for k, v in squad_scores(predictions, references).items()}
 
-    # ---- statistics for reports (tasks/statistics.py): EM and F1 are averages over questions --------------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    # ---- statistics for reports (tasks/_statistics.py): EM and F1 are averages over questions --------------------
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         golds = [r.get("references") or [r["reference"]] for r in rows]
         values = {
             "exact_match": [
@@ -99,5 +100,6 @@ class GenerativeQaTask(GenerationTask):
         }
         return statistics.mean_statistics(values)
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.mean_metrics(totals, ("exact_match", "f1"), scale=100.0)

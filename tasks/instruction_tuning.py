@@ -26,9 +26,9 @@ import torch
 
 from ftctl.errors import FtctlError
 from ftctl.options import option
+from tasks._generation import GenerationOptions, GenerationTask
+from tasks._prompts import PromptFormat, PromptSpec
 from tasks.base import Preset, register_task
-from tasks.generation import GenerationOptions, GenerationTask
-from tasks.prompts import PromptFormat, PromptSpec
 
 ALPACA_HEAD = (
     "Below is an instruction that describes a task{}. Write a response that appropriately completes the request.\n\n"
@@ -180,11 +180,13 @@ class InstructionTuningTask(GenerationTask):
     def add_samples(self, predictions: Any, generated: Any) -> Any:
         return {**predictions, "samples": self.texts(generated)}
 
-    # ---- statistics for reports (tasks/statistics.py): perplexity is exp(summed NLL / summed tokens) -------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    # ---- statistics for reports (tasks/_statistics.py): perplexity is exp(summed NLL / summed tokens) -------------
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         return np.asarray([[float(r["nll"]), float(r["tokens"])] for r in rows], dtype=float).reshape(-1, 2)
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         mean = np.divide(
             totals[..., 0], totals[..., 1], out=np.full(totals.shape[:-1], np.nan), where=totals[..., 1] > 0
         )

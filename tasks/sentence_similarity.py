@@ -17,8 +17,8 @@ from transformers import AutoModelForSequenceClassification
 
 from ftctl.errors import FtctlError
 from ftctl.vocab import Family, TaskKind
-from tasks import statistics
-from tasks.base import Preset, Task, register_task
+from tasks import _statistics as statistics
+from tasks.base import Preset, RowView, Task, register_task
 
 if TYPE_CHECKING:  # annotations only
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -150,15 +150,18 @@ class SentenceSimilarityTask(Task):
             "mse": float(np.mean((predicted - gold) ** 2)),
         }
 
-    # ---- statistics for reports (tasks/statistics.py): Pearson's r and the MSE; Spearman's rho ranks the whole
+    # ---- statistics for reports (tasks/_statistics.py): Pearson's r and the MSE; Spearman's rho ranks the whole
     # evaluation set and has no additive form, so it gets no resampled interval ------------------------------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         return statistics.moment_statistics([r["prediction"] for r in rows], [r["label"] for r in rows])
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.moment_metrics(totals)
 
     gold_fields = ("label",)
+    row_view = RowView(None, ("text",), "label")
 
     def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
         return self.with_column(ds, self.cfg.label_column, 0.0)

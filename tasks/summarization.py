@@ -1,9 +1,9 @@
 """Abstractive summarization: CNN/DailyMail, XSum, or any document/summary table.
 
-Prompts (tasks/prompts.py): T5-family models read `summarize: <document>`, BART the document; decoders are asked
+Prompts (tasks/_prompts.py): T5-family models read `summarize: <document>`, BART the document; decoders are asked
 to "Summarize the following article." (in one sentence for XSum), through their chat template when they have one,
 else as `<instruction>\\n\\n<document>\\n\\nSummary:`, and learn the summary after it. Metrics: ROUGE-1/2/L/Lsum
-F-measures from `rouge-score` with the Porter stemmer (see tasks/metrics.py).
+F-measures from `rouge-score` with the Porter stemmer (see tasks/_metrics.py).
 
 Data: CSV/TSV/JSON/JSONL/Parquet with a document column (`--text-column`) and a summary column
 (`--label-column`), or a hub dataset.
@@ -18,11 +18,11 @@ import datasets
 import numpy as np
 
 from ftctl import dataio
-from tasks import statistics
+from tasks import _statistics as statistics
+from tasks._generation import GenerationTask, require_columns
+from tasks._metrics import rouge_scores
+from tasks._prompts import PromptSpec
 from tasks.base import Preset, register_task
-from tasks.generation import GenerationTask, require_columns
-from tasks.metrics import rouge_scores
-from tasks.prompts import PromptSpec
 
 
 @register_task
@@ -92,10 +92,12 @@ class SummarizationTask(GenerationTask):
     def score_texts(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         return rouge_scores(predictions, [r[0] for r in references])
 
-    # ---- statistics for reports (tasks/statistics.py): ROUGE F-measures are averages over documents --------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    # ---- statistics for reports (tasks/_statistics.py): ROUGE F-measures are averages over documents --------------
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         per_row = [rouge_scores([r["prediction"]], [r["reference"]]) for r in rows]
-        return statistics.mean_statistics({m: [s[m] for s in per_row] for m in self.metrics})
+        return statistics.mean_statistics({m: [s[m] for s in per_row] for m in cls.metrics})
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return statistics.mean_metrics(totals, self.metrics)
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return statistics.mean_metrics(totals, cls.metrics)

@@ -20,12 +20,12 @@ import torch
 
 from ftctl.errors import FtctlError
 from ftctl.vocab import Family
-from tasks import labels as class_labels
-from tasks import statistics
-from tasks.base import Preset, register_task
+from tasks import _labels as class_labels
+from tasks import _statistics as statistics
+from tasks._generation import GenerationOptions, GenerationTask, special_ids
+from tasks._prompts import PromptSpec, Shot
+from tasks.base import Preset, RowView, register_task
 from tasks.classification import ClassificationTask
-from tasks.generation import GenerationOptions, GenerationTask, special_ids
-from tasks.prompts import PromptSpec, Shot
 
 SUFFIX = "_t2t"
 INSTRUCTIONS = {  # per preset (without the suffix); the generic task's is PromptSpec.instruction
@@ -75,7 +75,7 @@ class TextToTextClassificationTask(GenerationTask):
         for name, preset in ClassificationTask.presets.items()
     }
 
-    # data reading, splitting and label checks: the same as the classification task's (tasks/labels.py)
+    # data reading, splitting and label checks: the same as the classification task's (tasks/_labels.py)
     def clean(self, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
         return class_labels.drop_hidden_test(splits, self.cfg.label_column)
 
@@ -94,6 +94,7 @@ class TextToTextClassificationTask(GenerationTask):
         return state
 
     gold_fields = ("label", "correct", "generated_correct")
+    row_view = RowView("correct", ("text", "prompt"), "label")
 
     def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
         return self.with_column(ds, self.cfg.label_column, self.state["label_values"][0])
@@ -217,8 +218,9 @@ class TextToTextClassificationTask(GenerationTask):
             "invalid_predictions": {"count": sum(c < 0 for c in self.classes(texts)), "examples": invalid[:20]},
         }
 
-    # ---- statistics for reports (tasks/statistics.py) ---------------------------------------------------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    # ---- statistics for reports (tasks/_statistics.py) ---------------------------------------------------------
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         """The constrained prediction's class statistics, whether the generated text was right, and whether it was a
         label at all."""
         index = {str(n).strip().lower(): i for i, n in enumerate(state["label_names"])}
@@ -228,7 +230,8 @@ class TextToTextClassificationTask(GenerationTask):
         extra = np.asarray([[g == t, g < 0] for g, t in zip(generated, gold, strict=True)], dtype=float).reshape(-1, 2)
         return np.concatenate([statistics.class_statistics(gold, predicted, len(index)), extra], axis=1)
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         scores = statistics.class_metrics(totals[..., :-2], len(state["label_names"]))
         n = totals[..., 0]
         return {

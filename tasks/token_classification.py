@@ -29,8 +29,8 @@ from ftctl import dataio
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import Family, TaskKind
-from tasks import statistics
-from tasks.base import DetailView, ModelFit, Preset, Task, register_task
+from tasks import _statistics as statistics
+from tasks.base import DetailView, ModelFit, Preset, RowView, Task, register_task
 
 if TYPE_CHECKING:  # annotations only
     from transformers import PreTrainedTokenizerBase
@@ -88,7 +88,7 @@ class TokenClassificationTask(Task):
     def read_file(self, path: str, what: str) -> datasets.Dataset:
         if Path(path).suffix.lower() in TABLE_SUFFIXES:
             return dataio.read_table(path, what)
-        return dataio.read_conll(path, what, self.token_column, self.cfg.label_column)
+        return read_conll(path, what, self.token_column, self.cfg.label_column)
 
     def _tags(self, ds: datasets.Dataset) -> list[list[str]]:
         column = self.cfg.label_column
@@ -272,7 +272,8 @@ class TokenClassificationTask(Task):
         }
         return {"per_entity": per_entity}
 
-    def report_details(self, details: Mapping[str, Any]) -> list[DetailView]:
+    @classmethod
+    def report_details(cls, details: Mapping[str, Any]) -> list[DetailView]:
         per_entity = details.get("per_entity")
         if not isinstance(per_entity, dict) or not per_entity:
             return []
@@ -283,14 +284,17 @@ class TokenClassificationTask(Task):
     def example_predictions(self, predictions: Any, encoded: datasets.Dataset) -> list[list[str]]:
         return self._word_tags(predictions, encoded)[0]
 
-    # ---- statistics for reports (tasks/statistics.py) ---------------------------------------------------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    # ---- statistics for reports (tasks/_statistics.py) ---------------------------------------------------------
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         return statistics.entity_statistics([r["tags"] for r in rows], [r["prediction"] for r in rows])
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return statistics.entity_metrics(totals)
 
     gold_fields = ("tags", "correct")
+    row_view = RowView("correct", ("tokens",), "tags")
 
     def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
         column = self.cfg.label_column
@@ -306,3 +310,40 @@ class TokenClassificationTask(Task):
                 {"index": i, "tokens": words, "tags": tags, "prediction": predicted, "correct": predicted == tags}
             )
         return rows
+
+
+def read_conll(path: str, what: str, token_column: str, tag_column: str) -> datasets.Dataset:
+    """A CoNLL column file: one token per line (`token POS chunk NER`, whitespace separated; the token is the first
+    column and the tag the last), a blank line between sentences, `-DOCSTART-` lines skipped."""
+
+    p = dataio.check_file(path, what)
+    sentences: list[dict[str, list[str]]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    widths: dict[int, int] = {}  # number of columns -> the first line that has it
+    for number, line in enumerate(dataio.read_text(p, what).splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                sentences.append({token_column: tokens, tag_column: tags})
+            tokens, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise FtctlError(
+                f"{what} {path} does not look like a CoNLL file: line {number} has one column "
+                f"('{line.strip()[:40]}'); CoNLL lines hold a token and its tag (`token POS chunk NER`)"
+            )
+        widths.setdefault(len(fields), number)
+        tokens.append(fields[0])
+        tags.append(fields[-1])
+    if len(widths) > 1:  # CoNLL lines all have the same columns; a table's rows split on spaces do not
+        lines = ", ".join(f"line {n}: {w} columns" for w, n in sorted(widths.items(), key=lambda x: x[1])[:2])
+        raise FtctlError(
+            f"{what} {path} does not look like a CoNLL file: its lines have different numbers of columns ({lines}); "
+            "give a CoNLL column file (`token POS chunk NER`), or JSON/JSONL rows with word and tag lists"
+        )
+    if tokens:
+        sentences.append({token_column: tokens, tag_column: tags})
+    if not sentences:
+        raise FtctlError(f"{what} has no sentences: {path}")
+    return datasets.Dataset.from_list(sentences)

@@ -2,7 +2,7 @@
 
 Encoder-decoders read `translate English to Romanian: <text>` (the prefix for T5-family models only); decoders read
 `Translate English to Romanian:\\n<text>\\nRomanian:` and learn the translation after it. Metrics: sacreBLEU corpus
-BLEU and chrF (0-100), and METEOR (0-1) when a WordNet database is installed (see tasks/metrics.py); without
+BLEU and chrF (0-100), and METEOR (0-1) when a WordNet database is installed (see tasks/_metrics.py); without
 one, the evaluation details say why METEOR is missing.
 
 Data: JSON/JSONL rows `{"translation": {"en": ..., "ro": ...}}`, tables with one column per language code,
@@ -23,11 +23,11 @@ import numpy as np
 from ftctl import dataio
 from ftctl.errors import FtctlError
 from ftctl.options import option
-from tasks import statistics
+from tasks import _statistics as statistics
+from tasks._generation import GenerationOptions, GenerationTask
+from tasks._metrics import METEOR_NOTE, translation_scores, wordnet
+from tasks._prompts import PromptSpec
 from tasks.base import Preset, register_task
-from tasks.generation import GenerationOptions, GenerationTask
-from tasks.metrics import METEOR_NOTE, translation_scores, wordnet
-from tasks.prompts import PromptSpec
 
 LANGUAGES = {
     "en": "English",
@@ -94,7 +94,7 @@ class TranslationTask(GenerationTask):
         source, target = self.lang("source"), self.lang("target")
         for own, partner in ((".source", ".target"), (f".{source}", f".{target}")):
             if p.suffix == own:
-                return dataio.read_parallel(path, what, str(p.with_suffix(partner)), source, target)
+                return read_parallel(path, what, str(p.with_suffix(partner)), source, target)
         if p.suffix.lower() in (".json", ".jsonl"):
             return datasets.Dataset.from_list(dataio.read_json_objects(path, what))
         return dataio.read_table(path, what)
@@ -148,9 +148,10 @@ class TranslationTask(GenerationTask):
     def metric_details(self, predictions: Any, labels: Any, encoded: datasets.Dataset) -> dict[str, Any]:
         return {} if wordnet() is not None else {"notes": [METEOR_NOTE]}
 
-    # ---- statistics for reports (tasks/statistics.py): corpus BLEU and chrF from sacreBLEU's sufficient
+    # ---- statistics for reports (tasks/_statistics.py): corpus BLEU and chrF from sacreBLEU's sufficient
     # statistics (as its own paired bootstrap resamples them); METEOR is an average over sentences ------------------
-    def example_statistics(self, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
+    @classmethod
+    def example_statistics(cls, rows: list[dict[str, Any]], state: Mapping[str, Any]) -> np.ndarray:
         predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
         bleu, chrf = _sacrebleu_metrics()
         parts = [statistics.sacrebleu_statistics(m, predictions, references) for m in (bleu, chrf)]
@@ -159,7 +160,8 @@ class TranslationTask(GenerationTask):
             parts.append(statistics.mean_statistics({"meteor": meteor}))
         return np.concatenate(parts, axis=1)
 
-    def metrics_from_totals(self, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    @classmethod
+    def metrics_from_totals(cls, totals: np.ndarray, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
         bleu, chrf = _sacrebleu_metrics()
         widths = [_width(bleu), _width(chrf)]
         out = {
@@ -181,3 +183,15 @@ def _sacrebleu_metrics() -> tuple[Any, Any]:
 def _width(metric: Any) -> int:
     """How many sufficient statistics the metric keeps per sentence."""
     return len(metric._extract_corpus_statistics(["a"], [["a"]])[0])
+
+
+def read_parallel(path: str, what: str, partner: str, source_column: str, target_column: str) -> datasets.Dataset:
+    """Two line-aligned text files (source and target side) as one table."""
+    p, q = dataio.check_file(path, what), dataio.check_file(partner, f"{what} (target side)")
+    sources = dataio.read_text(p, what).splitlines()
+    targets = dataio.read_text(q, what).splitlines()
+    if len(sources) != len(targets):
+        raise FtctlError(
+            f"parallel files {path} and {partner} have {len(sources)} and {len(targets)} lines; they must align"
+        )
+    return datasets.Dataset.from_dict({source_column: sources, target_column: targets})

@@ -44,6 +44,67 @@ FAST = [
 ]
 
 
+# The tiers (docs/contributing.md): `unit` tests never train (checked below) and run in under two minutes together
+# (`pytest -m unit`); `integration` is every other default test (tiny models trained end to end); `slow` the
+# multi-process and real-model ones (`make test-slow`); `gpu` the ones that need CUDA (skipped without it, run on a
+# lent device by bench/gpu_device.sh). Every test has a timeout (pytest-timeout; `timeout` in pyproject.toml).
+SLOW_TIMEOUT_S = 1500
+# The modules of the unit tier: their default tests never train and are quick. A test of one of them that does
+# train in a subprocess (a grid's cells) says so with @pytest.mark.integration; slow ones stay slow.
+UNIT_MODULES = {
+    "kernel/test_dependencies.py", "kernel/test_dispatch.py", "kernel/test_docs.py", "kernel/test_structure.py",
+    "methods/test_adapter.py", "run/test_bad_input.py", "run/test_cache.py", "run/test_config.py",
+    "run/test_dropout.py", "run/test_trainer_internals.py", "studies/test_executors.py", "studies/test_grid.py",
+    "studies/test_stats.py",
+    "studies/test_row_view.py", "tasks/test_classification.py", "tasks/test_prompts.py", "tasks/test_statistics.py",
+    "tasks/test_task_metrics.py", "tasks/test_tasks_data.py",
+}  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
+def pytest_collection_modifyitems(config, items):
+    cuda = None
+    for item in items:
+        marks = {mark.name for mark in item.iter_markers()}
+        module = item.path.relative_to(REPO / "tests").as_posix()
+        if not marks & {"slow", "gpu", "integration"}:
+            item.add_marker(pytest.mark.unit if module in UNIT_MODULES else pytest.mark.integration)
+        if "slow" in marks and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+        if "gpu" in marks:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run on a lent device: bench/gpu_device.sh)"))
+
+
+_TRAINER_TRAIN: list = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A `unit` test that trains, or whose fixtures train, fails: the tier's promise (no training) is checked.
+    Patched before the test's fixtures are set up, so a module fixture that trains is caught too."""
+    if item.get_closest_marker("unit") is None:
+        return
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{item.nodeid} is marked unit but trains; leave it to the integration tier")
+
+    _TRAINER_TRAIN.append(transformers.Trainer.train)
+    transformers.Trainer.train = refuse
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _TRAINER_TRAIN:
+        import transformers
+
+        transformers.Trainer.train = _TRAINER_TRAIN.pop()
+
+
 @pytest.fixture(autouse=True)
 def restore_environment():
     """Each test starts from the same environment. transformers and accelerate export RANK, LOCAL_RANK,

@@ -18,8 +18,8 @@ from ftctl.errors import FtctlError
 from ftctl.facts import LaunchFacts
 from launch.run import configs
 from launch.run.precision import precision_flags, use_liger
+from tasks._metrics import higher_is_better
 from tasks.base import Task
-from tasks.metrics import higher_is_better
 
 if TYPE_CHECKING:  # annotations only
     from transformers import TrainingArguments
@@ -79,17 +79,7 @@ def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: Laun
     world = launched_world_size()
     micro, accum = batch_geometry(cfg, world)
     metric, greater = best_metric(cfg, task)
-    load_best = cfg.load_best_model_at_end and cfg.eval_strategy != "no"
-    if load_best and cfg.save_strategy != cfg.eval_strategy:
-        raise FtctlError(
-            f"picking the best checkpoint needs --save-strategy equal to --eval-strategy "
-            f"({cfg.save_strategy} vs {cfg.eval_strategy}); or pass --no-load-best-model-at-end"
-        )
-    if load_best and cfg.save_strategy == "steps" and (cfg.save_steps or 0) % (cfg.eval_steps or 1):
-        raise FtctlError(
-            f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} to pick "
-            "the best checkpoint"
-        )
+    load_best = loads_best(cfg)
     others = [r for r in cfg.report_to if r not in ("tensorboard", "none")]
     settings: dict[str, Any] = dict(
         output_dir=output_dir,
@@ -139,14 +129,35 @@ def training_arguments(cfg: RunConfig, task: Task, output_dir: str, launch: Laun
     try:
         return TrainingArguments(**settings)
     except ValueError as exc:  # the settings were checked above; what is left is the launch environment
-        reason = str(exc).strip().splitlines()[0]
-        if world > 1:
-            raise FtctlError(
-                f"the environment says WORLD_SIZE={world} but this process cannot join a distributed group "
-                f"({reason}); the processes are not one distributed group. Launch with `ftctl train --num-processes "
-                "N` or `accelerate launch --multi_gpu --num_processes N` (which runs on the CPU too)"
-            ) from None
-        raise FtctlError(f"invalid training settings: {reason}") from None
+        raise refused_settings(exc, world) from None
+
+
+def loads_best(cfg: RunConfig) -> bool:
+    """Whether the run ends on its best checkpoint, checked against how it saves."""
+    load_best = cfg.load_best_model_at_end and cfg.eval_strategy != "no"
+    if load_best and cfg.save_strategy != cfg.eval_strategy:
+        raise FtctlError(
+            f"picking the best checkpoint needs --save-strategy equal to --eval-strategy "
+            f"({cfg.save_strategy} vs {cfg.eval_strategy}); or pass --no-load-best-model-at-end"
+        )
+    if load_best and cfg.save_strategy == "steps" and (cfg.save_steps or 0) % (cfg.eval_steps or 1):
+        raise FtctlError(
+            f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps} to pick "
+            "the best checkpoint"
+        )
+    return load_best
+
+
+def refused_settings(exc: ValueError, world: int) -> FtctlError:
+    """TrainingArguments' refusal, in one line: most often a process that is not part of the group it was told of."""
+    reason = str(exc).strip().splitlines()[0]
+    if world > 1:
+        return FtctlError(
+            f"the environment says WORLD_SIZE={world} but this process cannot join a distributed group "
+            f"({reason}); the processes are not one distributed group. Launch with `ftctl train --num-processes "
+            "N` or `accelerate launch --multi_gpu --num_processes N` (which runs on the CPU too)"
+        )
+    return FtctlError(f"invalid training settings: {reason}")
 
 
 def total_steps(cfg: RunConfig, world: int, train_examples: int) -> int:

@@ -33,11 +33,11 @@ def quiet_transformers() -> None:
     """Called once transformers is imported: no weight-loading progress bars."""
     if os.environ.get("FTCTL_VERBOSE"):
         return
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: quiet() runs before transformers is imported
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    import datasets
+    import datasets  # deferred: as transformers above
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()

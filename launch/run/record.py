@@ -175,9 +175,8 @@ def name_base_portably(saved: Path, model_ref: str) -> None:
 
 
 def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[str, Any]:
-    run, task, method, state = facts.run, facts.run.task, facts.run.method, facts.trainer.state
+    run, method, state = facts.run, facts.run.method, facts.trainer.state
     trainable, total = facts.counts
-    embedded = is_embedded(run.model_ref)
     costs = cost(facts, clock)
     return {
         "status": "completed",
@@ -185,16 +184,7 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
         "command": sys.argv,
         "config": run.flat(),
         "explicit": run.explicit,
-        "task": {
-            "name": task.name,
-            "preset": task.preset_name,
-            "kind": str(task.kind),
-            "state": dict(task.state),
-            "auto_model": task.fit.auto_model,
-            "pipeline_tag": task.fit.pipeline_tag,
-            "load_args": task.load_args(run.model_config),
-            **({"prompt": task.prompt_record(facts.data.splits["train"][0])} if isinstance(task, Prompted) else {}),
-        },
+        "task": task_record(facts),
         "method": {
             "name": method.variant,
             "peft": method.is_peft,
@@ -202,14 +192,7 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
             "trained_modules": trained_modules(facts.model),
             **method.record(facts.model),  # method facts: parameter groups, final ranks, quantization, ...
         },
-        "model": {
-            "name_or_path": run.model_ref,
-            "display": EMBEDDED_NAME if embedded else run.model_ref,
-            "hub_id": EMBEDDED_HUB_ID if embedded else None,
-            "model_type": run.model_config.model_type,
-            "family": str(run.family),
-            "attention": getattr(getattr(facts.trainer.model, "config", None), "_attn_implementation", None),
-        },
+        "model": model_record(facts),
         "data": {"source": facts.data.source, **{f"{n}_examples": len(d) for n, d in facts.data.splits.items()}},
         "versions": versions(),
         "device": device_info(),
@@ -240,6 +223,33 @@ def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[st
             "used": facts.trainer.loss_choice.kernel,
             "why": facts.trainer.loss_choice.why,
         },
+    }
+
+
+def task_record(facts: Facts) -> dict[str, Any]:
+    run, task = facts.run, facts.run.task
+    return {
+        "name": task.name,
+        "preset": task.preset_name,
+        "kind": str(task.kind),
+        "state": dict(task.state),
+        "auto_model": task.fit.auto_model,
+        "pipeline_tag": task.fit.pipeline_tag,
+        "load_args": task.load_args(run.model_config),
+        **({"prompt": task.prompt_record(facts.data.splits["train"][0])} if isinstance(task, Prompted) else {}),
+    }
+
+
+def model_record(facts: Facts) -> dict[str, Any]:
+    run = facts.run
+    embedded = is_embedded(run.model_ref)
+    return {
+        "name_or_path": run.model_ref,
+        "display": EMBEDDED_NAME if embedded else run.model_ref,
+        "hub_id": EMBEDDED_HUB_ID if embedded else None,
+        "model_type": run.model_config.model_type,
+        "family": str(run.family),
+        "attention": getattr(getattr(facts.trainer.model, "config", None), "_attn_implementation", None),
     }
 
 

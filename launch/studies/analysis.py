@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from launch.studies import stats
-from tasks.base import ExampleStatistics
-from tasks.metrics import higher_is_better
+from tasks._metrics import higher_is_better
+from tasks.base import ExampleStatistics, RowView
 
 if TYPE_CHECKING:  # annotations only: collect builds the runs and calls this module
     from launch.studies.collect import Run
@@ -40,7 +40,7 @@ def evaluation(run: Run, rows: list[dict[str, Any]], task_cls: Any) -> stats.Eva
     """The run's per-example statistics, when its task has them and its predictions file is of the task's shape."""
     if not rows or task_cls is None or not issubclass(task_cls, ExampleStatistics):
         return None
-    task = task_cls.__new__(task_cls)  # the statistics hooks read only their arguments
+    task = task_cls  # the statistics hooks are classmethods: they read only their arguments
     state = (run.record.get("task") or {}).get("state") or {}
     try:
         values = task.example_statistics(rows, state)
@@ -72,37 +72,21 @@ def _group_metrics(members: list[dict[str, Any]], metrics: list[str]) -> dict[st
     return out
 
 
-def _correct(row: dict[str, Any]) -> bool | None:
-    """Whether one prediction is right, for tasks where that is a yes or no (classification, NER, QA)."""
-    if isinstance(row.get("correct"), bool):
-        return row["correct"]
-    if isinstance(row.get("exact_match"), (int, float)):
-        return row["exact_match"] >= 1
-    return None
-
-
-def _shown(row: dict[str, Any]) -> dict[str, Any]:
-    """An example as a reader wants to see it: its input, the gold answer, the prediction."""
-    text = next((row[k] for k in ("text", "question", "prompt", "tokens") if k in row), "")
-    text = " ".join(map(str, text)) if isinstance(text, list) else str(text)
-    gold = next((row[k] for k in ("label", "tags", "answers", "reference") if k in row), None)
-    return {"index": row.get("index"), "input": text[:300], "gold": gold, "prediction": row.get("prediction")}
-
-
-def _flips(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Examples right after but wrong before (fixed), and the reverse (broken), matched by index."""
+def _flips(before: list[dict[str, Any]], after: list[dict[str, Any]], view: RowView) -> dict[str, Any] | None:
+    """Examples right after but wrong before (fixed), and the reverse (broken), matched by index; the task's row
+    view says which field tells a right prediction and what to show."""
     by_index = {r.get("index", i): r for i, r in enumerate(before)}
     fixed, broken, compared = [], [], 0
     for i, row in enumerate(after):
         other = by_index.get(row.get("index", i))
-        now, then = _correct(row), _correct(other) if other else None
+        now, then = view.is_correct(row), view.is_correct(other) if other else None
         if now is None or then is None:
             continue
         compared += 1
         if now and not then:
-            fixed.append({**_shown(row), "before": other.get("prediction")})
+            fixed.append({**view.shown(row), "before": (other or {}).get("prediction")})
         elif then and not now:
-            broken.append({**_shown(row), "before": other.get("prediction")})
+            broken.append({**view.shown(row), "before": (other or {}).get("prediction")})
     if not compared:
         return None
     return {
@@ -156,7 +140,7 @@ def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
                 "peak_memory_mb": _mean([r["peak_memory_mb"] for r in rows]),
                 "device_hours": sum(r.get("device_hours") or 0.0 for r in rows) or None,
                 "searched": rows[0].get("searched"),
-                "flips": [f for f in (_flips(m["before_rows"], m["after_rows"]) for m in runs) if f] or None,
+                "flips": [f for f in (_flips(m["before_rows"], m["after_rows"], m["view"]) for m in runs) if f] or None,
             }
         )
     out: dict[str, Any] = {"primary": primary, "higher_is_better": higher, "groups": groups, "comparisons": []}
@@ -178,7 +162,7 @@ def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
             difference = stats.paired_difference([m["evaluation"] for m in a], [m["evaluation"] for m in b], primary)
             comparison.update(paired=True, **difference)
             # "fixed": the best group right where the other is wrong, on the first paired seed
-            comparison["flips"] = _flips(b[0]["after_rows"], a[0]["after_rows"])
+            comparison["flips"] = _flips(b[0]["after_rows"], a[0]["after_rows"], a[0]["view"])
             target["indistinguishable"] = comparison["within_noise"]
         out["comparisons"].append(comparison)
     return out

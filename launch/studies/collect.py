@@ -8,7 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from launch.run.console import scalar_metrics
 from launch.run.record import device_hours
 from launch.studies import analysis
 from tasks import TASKS
-from tasks.base import ReportsDetails, ScoresTexts
+from tasks.base import ReportsDetails, RowView, ScoresTexts
 
 MAX_SCORE_METRICS = 3  # per-example metrics drawn per task (the task's own order: its main metric first)
 
@@ -100,65 +100,61 @@ class Collected:
 def collect(paths: list[str]) -> Collected:
     """Finished runs, grid cells without results, grid names and searches, from grid directories, folders of runs
     and run directories."""
-    runs: list[Run] = []
-    missing: list[dict[str, Any]] = []
-    grids: list[str] = []
-    searches: list[dict[str, Any]] = []
-
-    def add_grid(grid: Path) -> None:
-        state = _read(grid / "grid.json", "grid state")
-        grids.append(str(state.get("name") or grid.name))
-        searches.extend(record for record in (state.get("search") or {}).values() if record.get("trials"))
-        for cell in state.get("cells", []):
-            path = grid / cell["run_dir"]
-            if (path / "run.json").is_file():
-                run = _run(path, cell["id"], cell)
-                run.searched = cell.get("searched")
-                source = cell.get("baseline_cell")
-                if run.baseline is None and source and (grid / source / "eval.json").is_file():
-                    shared = _read(grid / source / "eval.json", "evaluation")
-                    if shared.get("baseline") is not None:
-                        run.baseline_dir, run.baseline = grid / source, shared["baseline"]
-                    if run.few_shot is None and isinstance(shared.get("few_shot"), dict):
-                        run.few_shot = shared["few_shot"]
-                runs.append(run)
-            else:
-                missing.append({"cell": cell["id"], "status": cell.get("status"), "reason": cell.get("error")})
-
+    found = Collected([], [], [], [])
     for given in paths:
         path = Path(given)
         if not path.is_dir():
             raise FtctlError(f"not a directory: {given}")
         if (path / "grid.json").is_file():
-            add_grid(path)
+            _add_grid(found, path)
         elif (path / "run.json").is_file():
-            runs.append(_run(path, path.name))
+            found.runs.append(_run(path, path.name))
         elif (path / "spec.json").is_file():
             raise FtctlError(f"the run in {given} did not finish (no run.json); finish it with --resume first")
         else:
-            children = sorted(p for p in path.iterdir() if p.is_dir())
-            found = False
+            children = [p for p in sorted(path.iterdir()) if (p / "grid.json").is_file() or (p / "run.json").is_file()]
+            if not children:
+                raise FtctlError(f"{given} holds no grid (grid.json) or finished run (run.json), nor folders that do")
             for child in children:
                 if (child / "grid.json").is_file():
-                    add_grid(child)
-                    found = True
-                elif (child / "run.json").is_file():
-                    runs.append(_run(child, child.name))
-                    found = True
-            if not found:
-                raise FtctlError(f"{given} holds no grid (grid.json) or finished run (run.json), nor folders that do")
-    if not runs:
+                    _add_grid(found, child)
+                else:
+                    found.runs.append(_run(child, child.name))
+    if not found.runs:
+        missing = found.missing
         raise FtctlError(
             "no finished run to report on" + (f" ({len(missing)} grid cells not finished)" if missing else "")
         )
     seen: dict[str, int] = {}
-    for run in runs:  # the same label from two sources: tell them apart by their folder
+    for run in found.runs:  # the same label from two sources: tell them apart by their folder
         seen[run.label] = seen.get(run.label, 0) + 1
-    for run in runs:
+    for run in found.runs:
         if seen[run.label] > 1:
             run.label = f"{run.label} ({run.path.parent.name})"
-    _share_baselines(runs)
-    return Collected(runs, missing, grids, searches)
+    _share_baselines(found.runs)
+    return found
+
+
+def _add_grid(found: Collected, grid: Path) -> None:
+    """A grid's finished cells (with the baseline another cell of the pair scored), the others as missing."""
+    state = _read(grid / "grid.json", "grid state")
+    found.grids.append(str(state.get("name") or grid.name))
+    found.searches.extend(record for record in (state.get("search") or {}).values() if record.get("trials"))
+    for cell in state.get("cells", []):
+        path = grid / cell["run_dir"]
+        if not (path / "run.json").is_file():
+            found.missing.append({"cell": cell["id"], "status": cell.get("status"), "reason": cell.get("error")})
+            continue
+        run = _run(path, cell["id"], cell)
+        run.searched = cell.get("searched")
+        source = cell.get("baseline_cell")
+        if run.baseline is None and source and (grid / source / "eval.json").is_file():
+            shared = _read(grid / source / "eval.json", "evaluation")
+            if shared.get("baseline") is not None:
+                run.baseline_dir, run.baseline = grid / source, shared["baseline"]
+            if run.few_shot is None and isinstance(shared.get("few_shot"), dict):
+                run.few_shot = shared["few_shot"]
+        found.runs.append(run)
 
 
 def _eval_key(run: Run) -> tuple | None:
@@ -178,13 +174,15 @@ def _eval_key(run: Run) -> tuple | None:
 
 def _share_baselines(runs: list[Run]) -> None:
     """Runs without a baseline borrow one scored on the same base model, task and evaluation data."""
-    known = {}
+    known: dict[tuple, Run] = {}
     for run in runs:
-        if run.baseline is not None and _eval_key(run):
-            known.setdefault(_eval_key(run), run)
+        key = _eval_key(run)
+        if run.baseline is not None and key:
+            known.setdefault(key, run)
     for run in runs:
-        if run.baseline is None and _eval_key(run) in known:
-            source = known[_eval_key(run)]
+        key = _eval_key(run)
+        if run.baseline is None and key in known:
+            source = known[key]
             run.baseline_dir, run.baseline = source.baseline_dir, source.baseline
 
 
@@ -196,7 +194,12 @@ def _scalars(metrics: dict[str, Any] | None) -> dict[str, float]:
 
 def _task_class(record: dict[str, Any]) -> Any:
     preset = (record.get("task") or {}).get("preset")
-    return TASKS.get(preset).cls if preset in TASKS else None
+    return TASKS.get(preset).cls if isinstance(preset, str) and preset in TASKS else None
+
+
+def _row_view(record: dict[str, Any]) -> RowView:
+    cls = _task_class(record)
+    return cls.row_view if cls is not None else RowView()
 
 
 def _metric_order(runs: list[Run], after: dict[str, dict[str, float]]) -> list[str]:
@@ -207,7 +210,7 @@ def _metric_order(runs: list[Run], after: dict[str, dict[str, float]]) -> list[s
     return [m for m in declared if m in seen] + list(dict.fromkeys(k for k in seen if k not in declared))
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -266,13 +269,7 @@ def detail_views(run: Run) -> list[dict[str, Any]]:
     cls = _task_class(run.record)
     if cls is None or not issubclass(cls, ReportsDetails):
         return []
-    task = _bare_task(cls)
-    return [dataclasses.asdict(view) for view in task.report_details(_details(run))]
-
-
-def _bare_task(cls: type) -> Any:
-    """A task instance for its hooks that read only their arguments (report_details)."""
-    return cls.__new__(cls)
+    return [dataclasses.asdict(view) for view in cls.report_details(_details(run))]
 
 
 def _details(run: Run) -> dict[str, Any]:
@@ -378,6 +375,7 @@ def assemble(collected: Collected, title: str) -> dict[str, Any]:
                     "evaluation": analysis.evaluation(run, after_rows, _task_class(rec)),
                     "after_rows": after_rows,
                     "before_rows": before_rows,
+                    "view": _row_view(rec),
                 }
             )
         _add_per_example(rows, scores, metrics)

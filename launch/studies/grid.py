@@ -316,7 +316,7 @@ def _report(grid_dir: Path, console: Any) -> None:
         return
     out = grid_dir / "report"
     try:
-        report.build([grid_dir], out, overwrite=True)
+        report.build([str(grid_dir)], out, overwrite=True)
         console.print(f"wrote {out / 'report.md'}", markup=False)
     except FtctlError as exc:  # no finished cell yet: nothing to report, and no reason to fail the grid over it
         console.print(f"no report: {exc}", markup=False)

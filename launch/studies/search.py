@@ -36,7 +36,7 @@ from launch.run.config import resolve_values
 from launch.run.progress import EVENTS_FILE
 from launch.studies.spec import EXCLUDED, REFUSED, Cell, GridSpec
 from tasks import TASKS
-from tasks.metrics import higher_is_better
+from tasks._metrics import higher_is_better
 
 SEARCH_DIR = "search"
 STORAGE = "optuna.db"

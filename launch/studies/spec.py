@@ -1,4 +1,4 @@
-"""The grid file: its schema (pydantic, unknown keys refused with a suggestion), its axes, option layers and
+"""The grid file: its schema (grid_file.py), its axes, option layers and
 exclusions, and the cells it expands to. Reads no model or data."""
 
 from __future__ import annotations
@@ -10,40 +10,22 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from ftctl.config import DATA, RUN_SPECS
 from ftctl.errors import FtctlError, suggest
 from ftctl.models import resolve_model
 from ftctl.options import coerce
 from launch.run.config import all_specs, load_yaml
+from launch.studies.grid_file import MESSAGES, GridFile, schema_error
 from methods import METHODS
 from tasks import TASKS
-
-TOP_KEYS = (
-    "name",
-    "output_dir",
-    "models",
-    "tasks",
-    "methods",
-    "seeds",
-    "settings",
-    "overrides",
-    "exclude",
-    "baseline",
-    "launcher",
-    "search",
-)
-
 
 AXES = ("model", "task", "method", "seed")
 
 
 # options the grid sets for each cell itself
 MANAGED = ("task", "method", "model", "seed", "output_dir", "overwrite", "resume", "resume_from", "config")
-
-
-LAUNCHER_KEYS = ("accelerate_config", "num_processes", "rendezvous_timeout")
 
 
 SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -215,75 +197,6 @@ def _match(raw: Any, where: str, spec_axes: dict[str, list[AxisValue]]) -> dict[
     return out
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class Override(_Strict):
-    match: dict[str, Any]
-    set_: dict[str, Any] = Field(alias="set")
-
-
-class Launcher(_Strict):
-    accelerate_config: str | None = None
-    num_processes: int | None = None
-    rendezvous_timeout: int | None = None
-
-
-class Baseline(_Strict):
-    """`baseline: {zero_shot: true, few_shot: 4}`: the baselines each (model, task) is scored with."""
-
-    zero_shot: bool = True
-    few_shot: int | None = Field(default=None, ge=1)
-
-
-class GridFile(_Strict):
-    """The grid file's shape. Axis entries and option values are checked against the registries and `ftctl train`'s
-    options by `load_spec`, with the same messages as `ftctl train --config`."""
-
-    name: str | None = None
-    output_dir: str | None = None
-    models: list[str | None] | dict[str, Any] | None = None
-    tasks: list[Any] | dict[str, Any] | None = None
-    methods: list[Any] | dict[str, Any] | None = None
-    seeds: list[int] | int = Field(default_factory=lambda: [42])
-    settings: dict[str, Any] | None = None
-    overrides: list[Override] | None = None
-    exclude: list[dict[str, Any]] | None = None
-    baseline: bool | Baseline = True
-    launcher: Launcher | None = None
-    search: str | dict[str, Any] | None = None
-
-
-MESSAGES = {  # (first field of the error's location) -> what it must be, as ftctl has always said it
-    "seeds": "`seeds:` must be a list of integers",
-    "overrides": "`overrides:` entries must have `match:` (axis: label(s)) and `set:` (option: value)",
-    "exclude": "`exclude:` must be a list of matches (axis: label(s))",
-    "baseline": "`baseline:` must be true, false or a mapping {zero_shot: true|false, few_shot: K}",
-    "output_dir": "`output_dir:` must be a path",
-    "launcher": "launcher: must be a mapping of accelerate_config, num_processes, rendezvous_timeout",
-    "settings": "settings: must be a mapping of option: value",
-    "name": "`name:` must be a string",
-    "search": "`search:` must be `auto` or a mapping of option: [values] (or `learning_rate: auto`), with an optional "
-    "`settings:` mapping for the search trials",
-}
-
-
-def _schema_error(exc: ValidationError, data: dict[str, Any], where: str) -> FtctlError:
-    """One line for the first problem pydantic found: unknown keys get the closest valid key."""
-    error = exc.errors()[0]
-    loc = [str(part) for part in error["loc"]]
-    if error["type"] == "extra_forbidden":
-        if loc[0] == "launcher":
-            key, keys = loc[-1], LAUNCHER_KEYS
-            return FtctlError(f"{where}: launcher: unknown key '{key}'{suggest(key, keys)}; keys: {', '.join(keys)}")
-        if len(loc) == 1:
-            key = loc[0]
-            return FtctlError(f"{where}: unknown key '{key}'{suggest(key, TOP_KEYS)}; keys: {', '.join(TOP_KEYS)}")
-    what = MESSAGES.get(loc[0], f"`{loc[0]}:` is not valid ({error['msg']})")
-    return FtctlError(f"{where}: {what}, got {data.get(loc[0])!r}")
-
-
 def load_spec(path: str) -> GridSpec:
     """Read and check a grid file. Raises FtctlError for anything wrong in it; reads no model or data."""
     data = load_yaml(path)
@@ -291,7 +204,7 @@ def load_spec(path: str) -> GridSpec:
     try:
         parsed = GridFile.model_validate(data)
     except ValidationError as exc:
-        raise _schema_error(exc, data, where) from None
+        raise schema_error(exc, data, where) from None
     specs = all_specs()
     seeds = parsed.seeds if isinstance(parsed.seeds, list) else [parsed.seeds]
     if not seeds:

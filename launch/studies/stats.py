@@ -12,7 +12,7 @@
   over examples (Koehn 2004; sacreBLEU's paired bootstrap); tests/studies/test_stats.py checks it against
   `scipy.stats.bootstrap` and a paired `scipy.stats.permutation_test`.
 
-Every metric is recomputed on each resample from additive per-example statistics (tasks/statistics.py), so metrics
+Every metric is recomputed on each resample from additive per-example statistics (tasks/_statistics.py), so metrics
 that are not averages (entity F1, macro F1, Pearson's r, corpus BLEU) are resampled exactly, not approximated by
 averaging per-example scores.
 """

@@ -1,4 +1,4 @@
-"""Bottleneck adapters (methods/bottleneck.py): where they go in each layout, that they start as the identity,
+"""Bottleneck adapters (methods/_bottleneck.py): where they go in each layout, that they start as the identity,
 train alone, survive gradient checkpointing, and save and reload adapter-only to exactly the same outputs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from conftest import data_args
 
 from ftctl.errors import FtctlError
-from methods.bottleneck import CONFIG, WEIGHTS, BottleneckAdapter, adapter_names, adapter_sites, inject, load_adapter
+from methods._bottleneck import CONFIG, WEIGHTS, BottleneckAdapter, adapter_names, adapter_sites, inject, load_adapter
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,7 +120,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(models):
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_save_and_reload_reproduce_outputs_exactly(models, tmp_path, family):
-    from methods.bottleneck import save_adapter
+    from methods._bottleneck import save_adapter
 
     model = classifier(models, family)
     sites = adapter_sites(model, "pfeiffer")
@@ -153,7 +153,7 @@ def test_save_and_reload_reproduce_outputs_exactly(models, tmp_path, family):
 
 
 def test_load_refuses_other_files_and_other_bases(models, tmp_path):
-    from methods.bottleneck import save_adapter
+    from methods._bottleneck import save_adapter
 
     bert = classifier(models, "bert")
     sites = adapter_sites(bert, "houlsby")

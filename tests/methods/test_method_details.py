@@ -78,7 +78,6 @@ def test_adalora_reallocates_ranks_down_to_the_budget(train):
     assert facts["init_r"] == 12 and facts["target_r"] == 8 and facts["total_step"] == 24
     assert len(ranks) == 12  # every linear layer of the two blocks: query, key, value, three dense
     assert sum(ranks.values()) == 8 * len(ranks), ranks  # the budget: target rank on average
-    assert len(set(ranks.values())) > 1 or set(ranks.values()) != {12}, ranks
     pattern = json.loads((run / "adapter_config.json").read_text())["rank_pattern"]
     saved = {name.rsplit(".lora_E", 1)[0]: sum(mask) for name, mask in pattern.items()}
     assert sorted(saved.values()) == sorted(ranks.values())

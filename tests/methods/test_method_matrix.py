@@ -20,8 +20,9 @@ from conftest import data_args, eval_losses, read_jsonl, run_json
 
 from ftctl.errors import FtctlError
 from ftctl.facts import LaunchFacts
-from methods import METHODS, matrix
-from methods.matrix import FAMILIES, Cell, TaskShape
+from methods import METHODS
+from methods import _matrix as matrix
+from methods._matrix import FAMILIES, Cell, TaskShape
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -152,7 +153,7 @@ def test_run_time_refusals_name_the_problem_and_the_fix():
 
 def test_bitsandbytes_runs_here_in_4_and_8_bit():
     """The probe behind the QLoRA refusals: on this machine's CPU both kinds of quantized layer train."""
-    from methods.qlora import bnb_problem
+    from methods._qlora import bnb_problem
 
     assert bnb_problem("cpu", 4) is None
     assert bnb_problem("cpu", 8) is None
@@ -355,9 +356,13 @@ OTHER_KINDS = [  # (task, family, method, extra options): cells of the other tas
 
 @pytest.mark.parametrize(("task", "family", "method", "extra"), OTHER_KINDS, ids=lambda v: str(v))
 def test_other_task_kinds(models, tmp_path, task, family, method, extra):
+    """The method trains on the task (the validation loss falls), and what it saved is what it scored: the run
+    directory, reloaded by `ftctl evaluate`, gives the run's own final validation metrics."""
     import task_data
 
+    from launch.evaluate import main as evaluate
     from launch.train import main
+    from tasks import TASKS
 
     write = {
         "ner": lambda path, n, seed: task_data.conll(path.with_suffix(".conll"), n, seed),
@@ -372,3 +377,8 @@ def test_other_task_kinds(models, tmp_path, task, family, method, extra):
     main([*argv, *extra, "--output-dir", str(out)])
     losses = eval_losses(out)
     assert losses[-1] < losses[0], f"validation loss did not fall: {losses}"
+    final = run_json(out)["metrics"]
+    scored = evaluate([str(out), "--split", "validation"])
+    metrics = TASKS.get(task).cls.metrics
+    assert set(metrics) <= set(final) and set(metrics) <= set(scored), (final, scored)
+    assert {m: scored[m] for m in metrics} == pytest.approx({m: final[m] for m in metrics}, abs=1e-6)

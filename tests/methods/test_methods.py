@@ -8,7 +8,7 @@ import pytest
 from conftest import data_args
 
 from ftctl.errors import FtctlError
-from methods.layers import block_linear_names, embedding_modules, layer_stacks
+from methods._layers import block_linear_names, embedding_modules, layer_stacks
 
 HEADS = {"bert": ("bert.pooler", "classifier"), "gpt2": ("score",), "llama": ("score",), "t5": ("classification_head",)}
 

@@ -96,17 +96,28 @@ def test_eval_steps_alone_evaluates_every_n_steps():
     assert cfg.eval_strategy == "steps" and cfg.save_steps == 10
 
 
-def test_squad_answers_at_the_wrong_start_are_relocated_with_a_warning(tmp_path, capsys):
+def test_squad_answers_at_the_wrong_start_are_relocated_with_a_warning(models, tmp_path, capsys):
+    """An answer_start that does not point at its text is moved to the text's first occurrence: the encoded
+    start/end positions are the answer's tokens, and the user is told how many moved."""
+    from transformers import AutoTokenizer
+
     rows = [
         {"question": "what?", "context": "alpha beta gamma", "answers": {"text": ["beta"], "answer_start": [0]}},
         {"question": "who?", "context": "delta epsilon", "answers": {"text": ["delta"], "answer_start": [0]}},
     ]
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = resolve(["--task", "squad", "--train-file", str(path), "--validation-file", str(path)], prog="test").task
-    task.check_data(task.load().splits, training=True)
+    argv = ["--task", "squad", "--train-file", str(path), "--validation-file", str(path), "--doc-stride", "32"]
+    task = resolve(argv, prog="test").task
+    splits = task.load().splits
+    task.check_data(splits, training=True)
     err = capsys.readouterr().err
     assert "train data: 1 answer(s) have an answer_start that does not point at their text" in err
+    tokenizer = AutoTokenizer.from_pretrained(models["bert"])
+    encoded = task.encode(splits["train"], tokenizer)
+    for row, answer in zip(encoded, ("beta", "delta"), strict=True):
+        span = row["input_ids"][row["start_positions"] : row["end_positions"] + 1]
+        assert tokenizer.decode(span).strip() == answer, (tokenizer.decode(span), row["start_positions"])
 
 
 def test_a_run_of_another_task_as_model_is_one_line(models, data, tmp_path, capsys):

@@ -208,7 +208,7 @@ def test_qlora_without_usable_bitsandbytes(models, data, tmp_path, capsys, monke
     import sys
 
     from launch.train import main
-    from methods.qlora import bnb_problem
+    from methods._qlora import bnb_problem
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails as when not installed
     bnb_problem.cache_clear()
@@ -237,6 +237,7 @@ def test_qlora_without_usable_bitsandbytes(models, data, tmp_path, capsys, monke
     assert not out.exists()
 
 
+@pytest.mark.integration  # trains the run it then feeds bad input
 def test_evaluate_bad_input(tmp_path, capsys, train, data):
     from launch.evaluate import main
 

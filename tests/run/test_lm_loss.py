@@ -36,7 +36,7 @@ def batch(vocab: int, packed: bool = False) -> tuple[dict, torch.Tensor]:
     labels[:, :8] = -100  # a prompt without labels
     if packed:
         packed = {"input_ids": ids.view(1, -1), "position_ids": torch.arange(20).repeat(3).view(1, -1)}
-        return {**packed, "use_cache": False}, labels.view(1, -1)  # as tasks.generation.PackingCollator gives them
+        return {**packed, "use_cache": False}, labels.view(1, -1)  # as tasks._generation.PackingCollator gives them
     mask = torch.ones_like(ids)
     mask[0, -5:] = 0  # padding
     labels[0, -5:] = -100

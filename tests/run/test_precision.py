@@ -151,7 +151,7 @@ def test_qlora_computes_in_the_precision_the_gpu_has(monkeypatch):
     import torch as torch_
 
     from ftctl import device
-    from methods import qlora
+    from methods import _qlora as qlora
 
     monkeypatch.setattr(device, "cuda_bf16", lambda: False)
     assert qlora.compute_dtype() == torch_.float16

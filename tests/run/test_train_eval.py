@@ -44,7 +44,7 @@ def test_lora_run_directory_and_evaluate(train, data):
     assert record["trainable_percent"] == pytest.approx(100 * record["trainable_params"] / record["total_params"])
     assert set(record["metrics"]) >= {"accuracy", "f1", "precision", "recall"}
     assert record["config"]["task"] == "sst2" and record["config"]["method"] == "lora"
-    assert record["test_metrics"]["accuracy"] >= 0
+    assert {"accuracy", "f1"} <= set(record["test_metrics"])  # its value is checked against `evaluate` below
     assert_loss_fell(run_dir)
     for name in (
         "adapter_model.safetensors",

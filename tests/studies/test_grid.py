@@ -54,6 +54,7 @@ def mtimes(run_dir: Path) -> dict:
     return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
 
 
+@pytest.mark.integration  # its cells train in subprocesses
 def test_a_failed_cell_is_recorded_and_the_rerun_runs_only_it(models, data, tmp_path):
     out = tmp_path / "grid"
     spec = write_grid(
@@ -178,6 +179,7 @@ def test_bad_grid_files_are_one_error_and_write_nothing(models, data, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration  # its cells train in subprocesses
 def test_grid_errors_from_the_cli_are_one_line(tmp_path):
     (tmp_path / "g.yaml").write_text("tasks: [sst2]\nmethods: [lora]\nsettings: {batch_sise: 8}\n")
     result = cli("ftctl", "grid", str(tmp_path / "g.yaml"), cwd=tmp_path)

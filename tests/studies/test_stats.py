@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from launch.studies import stats
-from tasks import statistics
+from tasks import _statistics as statistics
 
 
 def accuracy_run(correct: np.ndarray, key: tuple = ("data",)) -> stats.Evaluation:

@@ -9,7 +9,7 @@ import torch
 from conftest import run_json
 
 from ftctl.errors import FtctlError
-from tasks.generation import GenerationCollator, PackingCollator
+from tasks._generation import GenerationCollator, PackingCollator
 
 
 def features(tokenizer, seed: int, n: int = 5) -> list[dict]:
@@ -116,7 +116,7 @@ def test_packing_takes_variable_length_attention_on_cuda_with_flash_attn(models,
 
     from ftctl import device
     from launch.run.config import resolve_values
-    from tasks import generation
+    from tasks import _generation as generation
 
     real_find = importlib.util.find_spec
     monkeypatch.setattr(device, "cuda_bf16", lambda: True)

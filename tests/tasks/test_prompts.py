@@ -133,7 +133,7 @@ def test_constrained_scores_equal_the_log_likelihood_by_hand(chat, tmp_path):
     and "good enough"): every token of each label is scored, and the end of the answer tells prefixes apart."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.generation import GenerationCollator
+    from tasks._generation import GenerationCollator
 
     names = ["very good", "very bad", "good", "good enough"]
     task, tokenizer = bound_task(chat["llama3"], "classification_t2t", text_column=["text"], label_column="label")

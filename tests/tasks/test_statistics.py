@@ -1,4 +1,4 @@
-"""The additive per-example statistics (tasks/statistics.py) give exactly what the reference libraries compute on the
+"""The additive per-example statistics (tasks/_statistics.py) give exactly what the reference libraries compute on the
 same examples, on random data: scikit-learn (accuracy, macro precision/recall/F1), seqeval (entity scores), scipy
 (Pearson's r), sacreBLEU (corpus BLEU and chrF); and on any subset of examples, which is what a bootstrap scores."""
 
@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from tasks import statistics
+from tasks import _statistics as statistics
 
 
 def test_classes_match_scikit_learn_with_absent_classes_and_invalid_predictions():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks import metrics
+from tasks import _metrics as metrics
 
 
 def test_squad_normalisation_and_scores():

@@ -123,7 +123,7 @@ def test_task_trains_and_evaluates(models, files, tmp_path, preset, family, sour
 
 
 def check_statistics_reproduce(record: dict, rows: list[dict], metrics: dict) -> None:
-    """The per-example statistics reports resample (tasks/statistics.py), summed over every example, give back the
+    """The per-example statistics reports resample (tasks/_statistics.py), summed over every example, give back the
     metrics the task's own evaluation reported: corpus-level ones (entity F1, BLEU, Pearson) included."""
     import numpy as np
 
@@ -174,12 +174,25 @@ def _bart(tmp_path):
     return path
 
 
-def test_generation_settings_reach_generate(models, files, tmp_path):
-    """--num-beams and --no-repeat-ngram-size are passed to generate; the run records them."""
+def test_generation_settings_reach_generate(models, files, tmp_path, monkeypatch):
+    """--num-beams and --no-repeat-ngram-size are what `generate` receives when the run scores its generations."""
+    from transformers import GenerationMixin
+
+    received: list[dict] = []
+    original = GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        config = kwargs.get("generation_config")
+        received.append({**(config.to_dict() if config is not None else {}), **kwargs})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
     run_dir, _ = train_task(
         models, tmp_path, "xsum", "t5", files["summarization"],
         ["--num-beams", "2", "--no-repeat-ngram-size", "2", "--epochs", "1"],
     )  # fmt: skip
+    assert received, "the run scored generated summaries"
+    assert all(call.get("num_beams") == 2 and call.get("no_repeat_ngram_size") == 2 for call in received), received
     config = json.loads((run_dir / "run.json").read_text())["config"]
     assert config["num_beams"] == 2 and config["no_repeat_ngram_size"] == 2
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from ftctl.facts import LaunchFacts
 
@@ -13,8 +14,6 @@ from ftctl.facts import LaunchFacts
 def quantized_weights(model: torch.nn.Module, quantization: Any) -> dict[int, int]:
     """id -> number of parameters of the weights bitsandbytes would quantize: the linear layers outside the modules
     it keeps in full precision (transformers' rule for `llm_int8_skip_modules`)."""
-    from transformers.pytorch_utils import Conv1D
-
     if quantization is None:
         return {}
     keep = list(getattr(quantization, "llm_int8_skip_modules", None) or [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +22,6 @@ FRAGMENTATION = 1.10  # the caching allocator reserves more than it hands out; 1
 
 def parse_size(text: str) -> float:
     """A memory size (`16GiB`, `16GB`, `24000MiB`, `16` = GiB) in MiB."""
-    import re
-
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
     if not match:
         raise FtctlError(f"--gpu-memory {text!r} is not a size; write e.g. 16GiB, 24GB or 81920MiB")
@@ -44,7 +43,8 @@ def gpu_need_mb(peak_mb: float) -> float:
 
 def remedies(run: runs.Run) -> Iterator[tuple[str, dict[str, Any]]]:
     """Changes that lower peak memory without changing what is learnt, gentlest first: gradient checkpointing,
-    smaller micro-batches (accumulating to the same batch), then 4-bit QLoRA for LoRA-family runs."""
+    smaller micro-batches (accumulating to the same batch), then the method's 4-bit variant where it has one
+    (QLoRA for LoRA)."""
     cfg = run.cfg
     values: dict[str, Any] = {}
     if not cfg.gradient_checkpointing:
@@ -55,8 +55,10 @@ def remedies(run: runs.Run) -> Iterator[tuple[str, dict[str, Any]]]:
         micro //= 2
         values.update(micro_batch_size=micro, gradient_accumulation_steps=None)
         yield f"--gradient-checkpointing --micro-batch-size {micro}", dict(values)
-    if run.method.variant in ("lora", "rslora", "dora"):
-        yield f"--method qlora --gradient-checkpointing --micro-batch-size {micro}", {**values, "method": "qlora"}
+    quantized = run.method.quantized_variant
+    if quantized:
+        flags = f"--method {quantized} --gradient-checkpointing --micro-batch-size {micro}"
+        yield flags, {**values, "method": quantized}
 
 
 def suggestion(run: runs.Run, tokenizer: Any, encoded: Any, limit_mb: float, device: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
 from ftctl.errors import FtctlError, warn
@@ -64,8 +65,6 @@ class AllocationProbe(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.armed:
             return
-        from torch.profiler import ProfilerActivity, profile
-
         self.armed = False
         self.live = live_bytes(kwargs["model"], kwargs.get("optimizer"))
         self.seconds = time.perf_counter()

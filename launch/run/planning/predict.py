@@ -6,9 +6,13 @@ import copy
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import TrainingArguments
 
-from ftctl.models import skeletons
+from ftctl.facts import DataFacts
+from ftctl.models import load_kwargs, skeletons
 from launch.run import lm_loss, runs
 from launch.run.arguments import batch_geometry
 from launch.run.planning.accounting import compute_like_bitsandbytes, launch_parts, quantized_bytes, quantized_weights
@@ -17,6 +21,7 @@ from launch.run.planning.rate import device_rate
 from launch.run.planning.trace import autocast_for, optimizer_for, to_fake, traced_step
 from launch.run.precision import precision_flags
 from launch.run.trainer import batch_collator, loss_choice
+from methods.base import frozen_linears_to
 from tasks.base import GENERATION_PREFIX
 
 
@@ -34,8 +39,6 @@ def shape_of(run: runs.Run, device: str | None = None) -> Shape:
 
 def longest_batch(task: Any, tokenizer: Any, encoded: Any, size: int, device: str) -> dict[str, torch.Tensor]:
     """The training micro-batch with the longest examples, collated as training on `device` collates it."""
-    import numpy as np
-
     lengths = np.asarray(encoded["length"])
     rows = encoded.select(np.argsort(-lengths, kind="stable")[:size].tolist())
     batch = batch_collator(task, tokenizer, True, device == "cuda")([rows[i] for i in range(len(rows))])
@@ -71,9 +74,6 @@ def loss_for(kernel: str, shape: Shape, positions: torch.Tensor | None) -> Any:
 def skeleton(run: runs.Run, tokenizer: Any, shape: Shape, ctx: Any) -> tuple[Any, dict[int, int], Any]:
     """The run's model on the meta device, as training would build it (the method applied, checkpointing, the
     frozen layers in the autocast dtype); the weights bitsandbytes would quantize (id -> parameters); its config."""
-    from ftctl.models import load_kwargs
-    from methods.base import frozen_linears_to
-
     kwargs = {**load_kwargs(run.cfg), **run.method.load_kwargs(ctx)}
     quantization = kwargs.pop("quantization_config", None)
     kwargs.pop("device_map", None)
@@ -91,37 +91,14 @@ def skeleton(run: runs.Run, tokenizer: Any, shape: Shape, ctx: Any) -> tuple[Any
     return model, quantized, quantization
 
 
-def predict(
-    run: runs.Run,
-    tokenizer: Any,
-    encoded: Any,
-    shape: Shape,
-    steps: int | None = None,
-    tflops: float | None = None,
-) -> Prediction:
-    """The run's peak memory per process and its time, from one training step traced on fake tensors. `run.task`
-    is bound to the tokenizer and the data's state, as training binds it; `encoded` is the tokenized training
-    split."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import TrainingArguments
-
-    from ftctl.facts import DataFacts
-
-    batch = longest_batch(run.task, tokenizer, encoded, shape.micro_batch, shape.device)
-    shape = dataclasses.replace(shape, length=int(batch["input_ids"].shape[-1]))
-    # a copy of the method: `apply` may keep what it built (AdaLoRA's model, LLRD's groups); the run's own must not
-    # hold the skeleton's
-    run = dataclasses.replace(run, method=copy.copy(run.method))
-    model, quantized, quantization = skeleton(run, tokenizer, shape, run.context(DataFacts(len(encoded), steps or 1)))
-    params = list({id(p): p for p in model.parameters()}.values())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    frozen = sum(p.numel() for p in params if not p.requires_grad)
-    traced_quantized = sum(p.numel() * p.element_size() for p in params if id(p) in quantized)
-    largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
+def traced_parts(
+    run: runs.Run, model: torch.nn.Module, batch: dict[str, Any], shape: Shape, kernel: str
+) -> tuple[dict[str, float], float]:
+    """Bytes per kind (weights, gradients, optimizer, activations) at the peak of one training step traced on fake
+    tensors, and the step's FLOPs."""
     args = TrainingArguments(
         output_dir="plan", learning_rate=run.cfg.learning_rate or 1e-4, weight_decay=run.cfg.weight_decay, use_cpu=True
     )
-    kernel = loss_kernel(run, shape.device)
     lean = kernel != "plain" and "labels" in batch
     positions = lm_loss.labelled_positions(batch["labels"]) if lean else None
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -135,6 +112,33 @@ def predict(
         "optimizer": traced.get("Optstate", 0),
         "activations": traced.get("Activation", 0) + traced.get("Temp", 0) + traced.get("Other", 0),
     }
+    return parts, float(flops)
+
+
+def predict(
+    run: runs.Run,
+    tokenizer: Any,
+    encoded: Any,
+    shape: Shape,
+    steps: int | None = None,
+    tflops: float | None = None,
+) -> Prediction:
+    """The run's peak memory per process and its time, from one training step traced on fake tensors. `run.task`
+    is bound to the tokenizer and the data's state, as training binds it; `encoded` is the tokenized training
+    split."""
+    batch = longest_batch(run.task, tokenizer, encoded, shape.micro_batch, shape.device)
+    shape = dataclasses.replace(shape, length=int(batch["input_ids"].shape[-1]))
+    # a copy of the method: `apply` may keep what it built (AdaLoRA's model, LLRD's groups); the run's own must not
+    # hold the skeleton's
+    run = dataclasses.replace(run, method=copy.copy(run.method))
+    model, quantized, quantization = skeleton(run, tokenizer, shape, run.context(DataFacts(len(encoded), steps or 1)))
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    traced_quantized = sum(p.numel() * p.element_size() for p in params if id(p) in quantized)
+    largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
+    kernel = loss_kernel(run, shape.device)
+    parts, flops = traced_parts(run, model, batch, shape, kernel)
     notes = []
     bits = 4 if getattr(quantization, "load_in_4bit", False) else 8 if quantization is not None else None
     if bits:

@@ -6,6 +6,9 @@ import contextlib
 from typing import Any
 
 import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Trainer
 
 from launch.run import runs
 from launch.run.planning.prediction import Shape
@@ -38,8 +41,6 @@ def autocast_for(shape: Shape) -> Any:
 
 def optimizer_for(run: runs.Run, model: torch.nn.Module, args: Any) -> torch.optim.Optimizer:
     """The optimizer the Trainer would build (the method's parameter groups where it has them)."""
-    from transformers import Trainer
-
     decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
     groups = run.method.param_groups(model, args, decay)
     if groups is None:
@@ -76,7 +77,6 @@ def memory_tracker(model: torch.nn.Module, optimizer: Any) -> Any:
     a second micro-step, the output layer once per chunk of the lean LM loss. Only the step's peak is used here, so
     such a module's statistics start over instead. Frozen parameters, on which it cannot hook gradients, are
     marked as hooked."""
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     class StepTracker(MemTracker):
         def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
@@ -94,8 +94,6 @@ def memory_tracker(model: torch.nn.Module, optimizer: Any) -> Any:
 
 
 def traced_step(run: runs.Run, model: Any, optimizer: Any, batch: dict[str, Any], shape: Shape, loss: Any) -> Any:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:  # and the optimizer's states exist from this first step on
         one_step(run, model, optimizer, batch, shape, loss)
     tracker = memory_tracker(model, optimizer)

@@ -1,4 +1,4 @@
-"""What every text-to-text task shares: prompts (tasks/prompts.py), tokenization with the loss on the target only,
+"""What every text-to-text task shares: prompts (tasks/_prompts.py), tokenization with the loss on the target only,
 batching, the model class per family, generation settings, and decoding generated ids back to text.
 
 Encoder-decoders (T5, BART) read the prompt in the encoder and learn the target as `labels`. Decoders (GPT-2,
@@ -30,8 +30,9 @@ from ftctl import device
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import LOSS_KERNELS, Family, TaskKind
-from tasks.base import ModelFit, Task, fresh_modules
-from tasks.prompts import CHAT_CHOICES, PromptFormat, PromptSpec, Shot, check_template, read_template
+from tasks._collators import GenerationCollator, PackingCollator
+from tasks._prompts import CHAT_CHOICES, PromptFormat, PromptSpec, Shot, check_template, read_template
+from tasks.base import ModelFit, RowView, Task, fresh_modules
 
 T5_TYPES = ("t5", "mt5", "umt5", "longt5")  # trained with task prefixes ("summarize: ", "translate ...: ")
 
@@ -73,68 +74,6 @@ class GenerationOptions:
                 raise FtctlError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.no_repeat_ngram_size < 0:
             raise FtctlError(f"--no-repeat-ngram-size must not be negative, got {self.no_repeat_ngram_size}")
-
-
-class GenerationCollator:
-    """Pads a batch: inputs right (attention mask 0), labels with -100, and for decoders the prompt alone, left,
-    as `generation_input_ids` / `generation_attention_mask` for `generate`."""
-
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_id = pad_id
-        self.multiple = pad_to_multiple_of
-
-    def _width(self, rows: list[list[int]]) -> int:
-        width = max(len(r) for r in rows)
-        if self.multiple:
-            width = -(-width // self.multiple) * self.multiple
-        return width
-
-    def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-        width = self._width(rows)
-        padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
-        return torch.tensor(padded, dtype=torch.long)
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        inputs = [list(f["input_ids"]) for f in features]
-        batch = {
-            "input_ids": self._pad(inputs, self.pad_id),
-            "attention_mask": self._pad([[1] * len(r) for r in inputs], 0),
-        }
-        if "labels" in features[0]:
-            batch["labels"] = self._pad([list(f["labels"]) for f in features], -100)
-        if "prompt_ids" in features[0]:
-            prompts = [list(f["prompt_ids"]) for f in features]
-            batch["generation_input_ids"] = self._pad(prompts, self.pad_id, left=True)
-            batch["generation_attention_mask"] = self._pad([[1] * len(r) for r in prompts], 0, left=True)
-        return batch
-
-
-class PackingCollator:
-    """Padding-free training batches for decoders: the micro-batch's examples concatenated into one row.
-
-    `position_ids` restart at 0 for every example and there is no attention mask, from which transformers builds
-    attention that stays inside each example (a block-diagonal causal mask for SDPA and eager attention, sequence
-    boundaries for FlashAttention); the first label of every example is -100, so no example learns to predict the
-    next one's first token. The loss therefore equals the padded batch's, without computing a single pad token.
-    `use_cache=False`: transformers only looks for packed sequences when no KV cache is passed, and a model left to
-    itself makes one (it would then attend across examples without a word).
-    """
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for f in features:
-            ids = list(f["input_ids"])
-            input_ids += ids
-            labels += [-100, *list(f["labels"])[1:]]
-            positions += range(len(ids))
-        return {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "use_cache": False,
-        }
 
 
 def varlen_attention() -> str | None:
@@ -203,6 +142,7 @@ class GenerationTask(Task):
 
     # ---- inference (ftctl predict, ftctl generate) ---------------------------------------------------------------
     gold_fields = ("reference", "references", "perplexity", "nll", "tokens", "exact_match", "f1")
+    row_view = RowView(None, ("prompt",), "reference")
     PLACEHOLDER = "…"  # an answer for unlabelled inputs: never read (the model generates from the prompt alone)
 
     # ---- settings -----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
   (Liu et al. 2022, arXiv:2110.07602).
 
 The task head trains and is saved with the prompt. Prefix tuning hands the prefix to the model as a KV cache;
-methods/prefix_cache.py keeps it working under gradient checkpointing, which transformers' layers otherwise answer
+methods/_prefix_cache.py keeps it working under gradient checkpointing, which transformers' layers otherwise answer
 by dropping the cache (and with it the prefix).
 """
 
@@ -25,9 +25,9 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from ftctl.errors import FtctlError
 from ftctl.options import option
 from ftctl.vocab import Family
+from methods._matrix import Refusal
+from methods._prefix_cache import keep_prefix_under_checkpointing
 from methods.base import Context, PeftMethod, register_method
-from methods.matrix import Refusal
-from methods.prefix_cache import keep_prefix_under_checkpointing
 
 if TYPE_CHECKING:  # annotations only
     import torch

@@ -25,7 +25,7 @@ from transformers.quantizers.base import get_keys_to_not_convert
 
 from ftctl import device
 from ftctl.models import load_config
-from methods.matrix import Refusal
+from methods._matrix import Refusal
 from tasks.base import Task
 
 if TYPE_CHECKING:  # annotations only

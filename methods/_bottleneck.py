@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftctl.errors import FtctlError
-from methods.layers import layer_stacks
+from methods._layers import layer_stacks
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
