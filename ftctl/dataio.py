@@ -71,15 +71,17 @@ def check_header(p: Path, delimiter: str, what: str) -> None:
         )
 
 
+ONE_COLUMN = "\x1f"  # the ASCII unit separator, never in text: each line of a one-column file is one field
+
+
 def _sniff_delimiter(p: Path) -> str:
+    """The separator named by the header line; a header with none is a one-column table (a file of texts)."""
     with p.open(encoding="utf-8", errors="replace") as f:
         header = f.readline()
     for delimiter in ("\t", ";", "|", ","):
         if delimiter in header:
             return delimiter
-    raise FtctlError(
-        f"cannot tell the column separator of {p} (no tab, ';', '|' or ',' in its header line); name it .csv or .tsv"
-    )
+    return ONE_COLUMN
 
 
 def read_records(path: str, what: str = "data file") -> list[dict[str, Any]]:
@@ -118,7 +120,7 @@ def read_table(path: str, what: str = "data file") -> datasets.Dataset:
             read_text(p, what)  # a clear line for a file that is not UTF-8
             check_header(p, delimiter, what)
             # GLUE-style TSVs are unquoted; quotes inside sentences are text, not field delimiters.
-            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            quoting = csv.QUOTE_NONE if delimiter in ("\t", ONE_COLUMN) else csv.QUOTE_MINIMAL
             frame = pd.read_csv(
                 p,
                 sep=delimiter,

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from ftctl.errors import FtctlError, suggest
@@ -149,8 +149,9 @@ class Parser(argparse.ArgumentParser):
         return vars(namespace)
 
 
-def add_options(parser: argparse.ArgumentParser, specs: Iterable[OptionSpec]) -> None:
-    """One flag per option; defaults are suppressed so the result holds only what the user typed."""
+def add_options(parser: argparse.ArgumentParser, specs: Iterable[OptionSpec], tuned: Collection[str] = ()) -> None:
+    """One flag per option; defaults are suppressed so the result holds only what the user typed. Options in
+    `tuned` have defaults some task or method replaces: their help says so."""
     groups: dict[str, Any] = {}
     for spec in specs:
         group = groups.get(spec.group) or groups.setdefault(spec.group, parser.add_argument_group(spec.group))
@@ -158,7 +159,9 @@ def add_options(parser: argparse.ArgumentParser, specs: Iterable[OptionSpec]) ->
         # `is`, not `in`: 0 == False, and a default of 0 is worth showing
         shown = not (spec.default is None or spec.default is False or spec.default == [])
         if shown and "default" not in help_text:
-            help_text += f" (default: {spec.default})"
+            help_text += f" (default: {spec.default}{'; per task and method' if spec.name in tuned else ''})"
+        elif spec.name in tuned:
+            help_text += " (default: per task and method)"
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
         if spec.kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

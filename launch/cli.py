@@ -25,8 +25,11 @@ def _train(argv: list[str]) -> None:
     from launch.run import launcher
     from launch.train import main
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(launcher.launcher_help())
+    if any(a in ("-h", "--help") for a in argv):  # usage and the training options first, then the launcher's
+        try:
+            main(launcher.split(argv)[1], prog="ftctl train")
+        finally:
+            print(launcher.launcher_help())
     options, rest = launcher.split(argv)
     if launcher.wants_launcher(options):
         code = launcher.launch(options, rest)

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(
-        f"[green]merged[/] {run.method.variant} into {run.model_ref} -> {output}\n"
+        f"[green]merged[/] the {run.method.variant} adapter with its base ({run.model_ref}) into {output}; the base "
+        "is unchanged\n"
         f"load it: transformers.{task.fit.auto_model}.from_pretrained({str(output)!r})"
     )
     return info

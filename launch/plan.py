@@ -56,9 +56,11 @@ def row(label: str, prediction: Prediction, limit_mb: float | None, advice: str 
 
 def show(rows: list[dict[str, Any]], limit_mb: float | None) -> None:
     columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "prediction"]
-    table = Table(title="ftctl plan: peak memory per process (MiB) and training time, predicted")
+    console.print("ftctl plan: peak memory per process (MiB) and training time, predicted", style="italic")
+    table = Table()
     for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "advice", "batch") else "right")
+        no_wrap = column not in ("run", "advice")  # numbers and times never break: `00:00…` said nothing
+        table.add_column(column, justify="left" if column in ("run", "advice", "batch") else "right", no_wrap=no_wrap)
     for r in rows:
         table.add_row(*(str(r.get(c, "")) for c in columns))
     console.print(table)

@@ -27,6 +27,10 @@ from typing import Any
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
 
 
+# metrics that count examples (free generations that matched no label): shown as whole numbers, not 40.0000
+COUNT_METRICS = frozenset({"invalid"})
+
+
 def higher_is_better(metric: str) -> bool:
     """The direction of a metric, for choosing the best checkpoint, the best search trial and the best method."""
     return metric not in LOWER_IS_BETTER

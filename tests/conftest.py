@@ -54,10 +54,9 @@ SLOW_TIMEOUT_S = 1500
 UNIT_MODULES = {
     "kernel/test_dependencies.py", "kernel/test_dispatch.py", "kernel/test_docs.py", "kernel/test_structure.py",
     "methods/test_adapter.py", "run/test_bad_input.py", "run/test_cache.py", "run/test_config.py",
-    "run/test_dropout.py", "run/test_trainer_internals.py", "studies/test_executors.py", "studies/test_grid.py",
-    "studies/test_stats.py",
-    "studies/test_row_view.py", "tasks/test_classification.py", "tasks/test_prompts.py", "tasks/test_statistics.py",
-    "tasks/test_task_metrics.py", "tasks/test_tasks_data.py",
+    "run/test_console.py", "run/test_dropout.py", "run/test_trainer_internals.py", "studies/test_executors.py",
+    "studies/test_grid.py", "studies/test_row_view.py", "studies/test_stats.py", "tasks/test_classification.py",
+    "tasks/test_prompts.py", "tasks/test_statistics.py", "tasks/test_task_metrics.py", "tasks/test_tasks_data.py",
 }  # fmt: skip
 
 

@@ -56,11 +56,23 @@ def build_parser(prog: str) -> Parser:
     parser = Parser(
         prog=prog,
         description="Fine-tune a transformer on a task with a method. Every option can also be a key in --config FILE.",
-        epilog="Options of one task or method apply only when that task or method is chosen.",
+        epilog="Options of one task or method apply only when that task or method is chosen. Defaults marked "
+        "'per task and method' are the general ones; the chosen task kind and method may set their own (e.g. LoRA on "
+        "classification trains 5 epochs at 1e-3), and run.json records every value used.",
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are these options; flags win")
-    add_options(parser, all_specs().values())
+    add_options(parser, all_specs().values(), tuned=tuned_defaults())
     return parser
+
+
+def tuned_defaults() -> set[str]:
+    """The options some task or method sets its own default for (`defaults` of task and method classes)."""
+    tuned = {name for _, spec in TASKS.items() for name in spec.cls.defaults}
+    for _, method in METHODS.items():
+        tuned |= {name for per_kind in method.cls.defaults.values() for name in per_kind}
+        for variant in method.cls.variants.values():
+            tuned |= {name for per_kind in variant.get("defaults", {}).values() for name in per_kind}
+    return tuned
 
 
 def load_yaml(path: str) -> dict[str, Any]:

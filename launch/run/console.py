@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+from tasks._metrics import COUNT_METRICS
+
+# Written to a file or a pipe (a log, CI), rich would wrap every table at 80 columns: there a line is as wide as its
+# content, up to this, and a table row stays one line
+LOG_WIDTH = 400
+
+
+def make_console(file: TextIO | None = None, stderr: bool = False) -> Console:
+    """A console that wraps only on a terminal."""
+    stream = file or (sys.stderr if stderr else sys.stdout)
+    terminal = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=file, stderr=stderr, highlight=False, width=None if terminal else LOG_WIDTH)
+
+
+console = make_console()
 
 
 def fmt(value: Any) -> str:
@@ -20,8 +35,15 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def fmt_metric(name: str, value: Any) -> str:
+    if name in COUNT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:,.0f}"
+    return fmt(value)
+
+
 def show_pairs(title: str, pairs: list[tuple[str, Any]]) -> None:
-    table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    console.print(title, style="italic", markup=False)  # not the table's title: rich wraps that to the table's width
+    table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
     for key, value in pairs:
@@ -42,7 +64,8 @@ def show_metrics(title: str, after: dict[str, Any], before: dict[str, dict[str, 
     """The metrics, beside each baseline (`before`: column name -> metrics, e.g. zero-shot and 4-shot) and the change
     from the first of them."""
     before = before or {}
-    table = Table(title=title, title_justify="left")
+    console.print(title, style="italic", markup=False)  # not the table's title: rich wraps that to the table's width
+    table = Table()
     table.add_column("metric", style="bold")
     for name in before:
         table.add_column(name, justify="right")
@@ -51,9 +74,12 @@ def show_metrics(title: str, after: dict[str, Any], before: dict[str, dict[str, 
         table.add_column(f"delta vs {next(iter(before))}", justify="right")
     first = next(iter(before.values()), None)
     for key, value in scalar_metrics(after).items():
-        cells = [fmt(b.get(key)) for b in before.values()] + [fmt(value)]
+        cells = [fmt_metric(key, b.get(key)) for b in before.values()] + [fmt_metric(key, value)]
         if first is not None:
             base = first.get(key)
-            cells.append(f"{value - base:+.4f}" if isinstance(base, (int, float)) else "")
+            if not isinstance(base, (int, float)):
+                cells.append("")
+            else:
+                cells.append(f"{value - base:+,.0f}" if key in COUNT_METRICS else f"{value - base:+.4f}")
         table.add_row(key, *cells)
     console.print(table)

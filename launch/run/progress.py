@@ -7,14 +7,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
+
+from launch.run.console import make_console
 
 if TYPE_CHECKING:  # annotations only
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-console = Console(stderr=False, highlight=False)
+console = make_console()
 
 
 def _fmt(value: Any) -> str:

@@ -152,6 +152,9 @@ def commit(facts: Facts, scores: Scores, clock: Clock, staging: Path, run_dir: P
     rundir.commit(staging, run_dir)
     rundir.write_json(run_dir / rundir.RUN_FILE, run_record)
     show_metrics("validation metrics", scores.metrics)
+    kept = kept_checkpoint(facts.trainer.state, facts.args)
+    if kept:
+        console.print(kept, markup=False)
     if scores.test_metrics:
         show_metrics("test metrics", scores.test_metrics)
     console.print(
@@ -160,6 +163,21 @@ def commit(facts: Facts, scores: Scores, clock: Clock, staging: Path, run_dir: P
         f"{run_dir}\nscore it: ftctl evaluate {run_dir} --baseline"
     )
     return run_record
+
+
+def kept_checkpoint(state: Any, args: Any) -> str | None:
+    """Which checkpoint the run ended on and why, when it kept its best one (None otherwise)."""
+    step, best, name = state.best_global_step, state.best_metric, args.metric_for_best_model
+    if not args.load_best_model_at_end or not step or best is None or not name:
+        return None
+    key = name if name.startswith("eval_") else f"eval_{name}"
+    # the evaluations a checkpoint was kept for (not the one before the first step)
+    evaluations = [h for h in state.log_history if isinstance(h.get(key), (int, float)) and h.get("step", 0) > 0]
+    ties = [h for h in evaluations if abs(h[key] - best) <= 1e-12]
+    why = f"best {name} {best:.4f}"
+    if len(ties) > 1:
+        why += f", the lowest validation loss of the {len(ties)} evaluations that tie on it"
+    return f"kept step {step} of {state.global_step}: {why}"
 
 
 def name_base_portably(saved: Path, model_ref: str) -> None:

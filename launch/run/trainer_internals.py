@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
@@ -33,7 +34,22 @@ PRIVATE: dict[str, tuple[str, ...]] = {
     "_get_eval_sampler": ("self", "eval_dataset"),  # overridden: evaluation keeps the dataset's order
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),  # called: a finished run's last weights
     "_prepare_inputs": ("self", "inputs"),  # called: generation prompts onto the device as the Trainer moves batches
+    "_determine_best_metric": ("self", "metrics", "trial"),  # overridden: a tie goes to the lower validation loss
 }
+
+
+def eval_loss_at(history: list[dict[str, Any]], step: int | None) -> float | None:
+    """The validation loss logged at `step` (the last evaluation there), or None."""
+    found = [h["eval_loss"] for h in history if h.get("step") == step and isinstance(h.get("eval_loss"), (int, float))]
+    return float(found[-1]) if found else None
+
+
+def wins_tie(value: float, best: float | None, loss: float | None, best_loss: float | None) -> bool:
+    """An evaluation that equals the best primary metric so far replaces it when its validation loss is no higher:
+    the lower loss wins, and on equal loss the later step (the Trainer alone keeps the earliest of a tie)."""
+    if best is None or loss is None or not np.isclose(value, best, rtol=0, atol=1e-12):
+        return False
+    return best_loss is None or loss <= best_loss
 
 
 def earlier_training(checkpoint: Path) -> float:
@@ -72,6 +88,18 @@ class TrainerInternals(Trainer):
                 self._checkpoint_root = None
 
         write_checkpoint_atomically(self, save_into, run_dir)
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        best_before, step_before = self.state.best_metric, self.state.best_global_step
+        if super()._determine_best_metric(metrics, trial):
+            return True
+        name = self.args.metric_for_best_model or "loss"
+        value = metrics.get(name if name.startswith("eval_") else f"eval_{name}")
+        best_loss = eval_loss_at(self.state.log_history, step_before)
+        if value is None or not wins_tie(float(value), best_before, metrics.get("eval_loss"), best_loss):
+            return False
+        self.state.best_global_step = self.state.global_step
+        return True
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from launch.run.console import make_console
 from launch.studies.spec import DONE, EXCLUDED, FAILED, INTERRUPTED, PENDING, REFUSED, TRAINED, Cell
 from launch.studies.state import View
 
@@ -32,7 +32,7 @@ class Display:
     def __init__(self, view: Callable[[], View]):
         self.view = view  # the grid as it is now: a snapshot the scheduler makes
         # the terminal as it is now: a cell's evaluation redirects sys.stdout to its log for a while
-        self.console = Console(file=sys.stdout, highlight=False)
+        self.console = make_console(file=sys.stdout)
         self.live: Any = None
 
     def __enter__(self) -> Display:

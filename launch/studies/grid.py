@@ -23,14 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
 from launch.plan import checked, finish, plan_options, plan_run
 from launch.run import launcher, runs
 from launch.run.config import resolve_values
 from launch.run.configs import RECIPES
+from launch.run.console import make_console
 from launch.run.planning.fit import parse_size
 from launch.run.quiet import quiet
 from launch.studies import report
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # predicted memory packs cells onto GPUs (or the host's memory) where the executor packs them
         needs = cell_needs(cells, loaded, executor, opts["limit_mb"])
         runner = Scheduler(spec, cells, grid_dir, launch_options, command, found, executor, needs, opts["retries"])
-        return _run(runner, opts, console=Console(highlight=False))
+        return _run(runner, opts, console=make_console())
     finally:
         executor.close()
 

@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from ftctl.errors import FtctlError
 from ftctl.options import Parser
 from launch.run import rundir
+from launch.run.console import make_console
 from launch.run.quiet import quiet
 from launch.studies.collect import assemble, collect
 from launch.studies.plots import plot_task
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = build(opts["paths"], out, opts["overwrite"], opts["format"], opts["title"])
 
     shown = "report.html" if opts["format"] == "html" else "report.md"
-    Console(highlight=False).print(
+    make_console().print(
         f"wrote {out / shown} ({report['runs']} runs, {len(report['tasks'])} tasks, "
         f"{sum(len(t['plots']) for t in report['tasks'])} plots)",
         markup=False,

@@ -48,3 +48,13 @@ def test_a_command_s_help_exits_0_and_a_bad_option_2(capsys):
     assert cli.main(["report", "--help"]) == 0
     assert "usage: ftctl report" in capsys.readouterr().out
     assert cli.main(["list", "--no-such-flag"]) == 2
+
+
+def test_train_help_starts_with_usage_and_says_which_defaults_depend_on_the_task(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: ftctl train"), shown[:200]
+    flat = " ".join(shown.split())
+    assert "--epochs EPOCHS training epochs (default: 3.0; per task and method)" in flat
+    assert "--batch-size BATCH_SIZE global batch size" in flat and "(default: 16)" in flat  # no task sets it
+    assert shown.index("--dry-run") > shown.index("--epochs"), "the launcher's options come after training's"

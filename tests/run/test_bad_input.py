@@ -105,7 +105,8 @@ TRAIN_CASES = {
     "resume nothing": (["--resume"], "no checkpoint"),
     "negative learning rate": (["--learning-rate", "-1"], "--learning-rate must be greater than 0"),
     "three text columns": (["--text-column", "a", "b", "c"], "at most two"),
-    "no delimiter": (["--train-file", "{no_delimiter}"], "cannot tell the column separator"),
+    # a header without a separator is a one-column table (a file of texts): here it lacks the text column
+    "one column": (["--train-file", "{no_delimiter}"], "train data has no column 'sentence'; columns found: justtext"),
     "eval steps missing": (["--eval-strategy", "steps"], "needs --eval-steps"),
     "save/eval mismatch": (["--save-strategy", "no"], "needs --save-strategy equal to --eval-strategy"),
     "bad choice": (["--lr-scheduler", "cosin"], "invalid choice"),

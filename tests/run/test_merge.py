@@ -82,7 +82,7 @@ def fine_tuned(run_dir):
     ],
 )
 def test_merged_model_loads_with_transformers_and_gives_the_fine_tuned_outputs(
-    models, trained, tmp_path, method, family, extra
+    models, trained, tmp_path, method, family, extra, capsys
 ):
     from transformers import AutoModelForSequenceClassification
 
@@ -90,7 +90,10 @@ def test_merged_model_loads_with_transformers_and_gives_the_fine_tuned_outputs(
 
     run_dir = trained(method, family, *extra)
     out = tmp_path / "merged"
+    capsys.readouterr()
     info = merge([str(run_dir), "--output", str(out)])
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"merged the {method} adapter with its base ({models[family]}) into {out}; the base is unchanged" in said
     assert info["method"] == method and info["notes"] == []
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert (out / "tokenizer.json").is_file() and json.loads((out / "merge.json").read_text())["method"] == method

@@ -252,3 +252,21 @@ def test_a_run_on_the_embedded_model_names_its_hub_id(tmp_path):
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert "accuracy" in evaluate([str(out)])
+
+
+def test_a_tie_on_the_primary_metric_keeps_the_checkpoint_with_the_lowest_loss(train, monkeypatch, capsys):
+    """Every evaluation scores the same accuracy (as on a small validation set): the kept checkpoint is the one with
+    the lowest validation loss, not the earliest, and the console says which and why."""
+    from tasks.classification import ClassificationTask
+
+    scored = ClassificationTask.compute_metrics
+    monkeypatch.setattr(ClassificationTask, "compute_metrics", lambda self, *a: {**scored(self, *a), "accuracy": 0.75})
+    steps = ["--eval-strategy", "steps", "--eval-steps", "6", "--save-strategy", "steps", "--save-steps", "6"]
+    run_dir = train(*steps, "--max-steps", "24")
+    record = run_json(run_dir)
+    losses = {h["step"]: h["eval_loss"] for h in record["history"] if "eval_loss" in h and h["step"] > 0}
+    best = min(losses, key=lambda step: (losses[step], -step))
+    assert best != min(losses), f"the lowest loss must not be the first evaluation here: {losses}"
+    assert record["best_checkpoint"].endswith(f"checkpoint-{best}"), (record["best_checkpoint"], losses)
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"kept step {best} of 24: best accuracy 0.7500, the lowest validation loss of the {len(losses)}" in said

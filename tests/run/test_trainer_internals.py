@@ -39,3 +39,15 @@ def test_every_private_method_called_is_listed():
     for module in (trainer, trainer_internals):
         called |= set(re.findall(r"self\.(_[a-z]\w*)\(", inspect.getsource(module)))
     assert {n for n in called if hasattr(Trainer, n)} <= set(PRIVATE)
+
+
+def test_a_tie_on_the_best_metric_goes_to_the_lower_loss_then_the_later_step():
+    from launch.run.trainer_internals import eval_loss_at, wins_tie
+
+    history = [{"step": 23, "eval_loss": 0.54, "eval_accuracy": 0.8167}, {"step": 23, "loss": 0.6}]
+    assert eval_loss_at(history, 23) == 0.54 and eval_loss_at(history, 46) is None
+    assert wins_tie(0.8167, 0.8167, loss=0.385, best_loss=0.54)  # same accuracy, lower loss: the later one
+    assert wins_tie(0.8167, 0.8167, loss=0.54, best_loss=0.54)  # same both: the later step
+    assert not wins_tie(0.8167, 0.8167, loss=0.6, best_loss=0.54)  # higher loss: the earlier one stays
+    assert not wins_tie(0.80, 0.8167, loss=0.1, best_loss=0.54)  # not a tie: the Trainer's own rule
+    assert not wins_tie(0.8167, None, loss=0.1, best_loss=None)

@@ -232,3 +232,14 @@ def test_bad_task_data_writes_nothing(models, data, tmp_path, capsys):
     code = run_main(main, ["--task", "sst2_t2t", "--model", str(models["t5"]), *data_args(data),
                            "--num-beams", "0", "--output-dir", str(out)])  # fmt: skip
     assert code == 2 and "--num-beams must be at least 1" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_file_of_texts_is_a_one_column_table(tmp_path):
+    """`text` then one text per line, with commas, quotes, tabs and semicolons inside: one column, lines intact."""
+    from ftctl import dataio
+
+    path = tmp_path / "texts.txt"
+    path.write_text('text\nI loved it, truly "great"\tfilm\nbad; awful\n')
+    table = dataio.read_table(str(path))
+    assert table.column_names == ["text"]
+    assert table["text"] == ['I loved it, truly "great"\tfilm', "bad; awful"]
