@@ -142,6 +142,7 @@ def commit(facts: Facts, scores: Scores, clock: Clock, staging: Path, run_dir: P
     presence means the run completed). Main process only."""
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer adds; run.json has it all
     name_base_portably(staging, facts.run.model_ref)
+    list_saved_modules_once(staging, facts.model)
     facts.tokenizer.save_pretrained(str(staging))
     run_record = run_json(facts, scores, clock, staging)
     (staging / "README.md").write_text(model_card(run_record), encoding="utf-8")
@@ -190,6 +191,27 @@ def name_base_portably(saved: Path, model_ref: str) -> None:
     config = rundir.read_json(config_path, "adapter config")
     config["base_model_name_or_path"] = EMBEDDED_HUB_ID
     rundir.write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def list_saved_modules_once(saved: Path, model: torch.nn.Module) -> None:
+    """PEFT adds its own head names for sequence classification (`classifier`, `score`) to `modules_to_save`, so an
+    adapter of BERT listed `classifier` twice and a `score` it does not have: list each module of the model once."""
+    config_path = saved / "adapter_config.json"
+    if not config_path.is_file():
+        return
+    config = rundir.read_json(config_path, "adapter config")
+    listed = config.get("modules_to_save")
+    if not listed:
+        return
+    names = [name for name, _ in model.named_modules()]
+
+    def present(module: str) -> bool:
+        return any(n == module or n.endswith("." + module) or f".{module}." in f".{n}." for n in names)
+
+    kept = [m for m in dict.fromkeys(listed) if present(m)]
+    if kept != listed:
+        config["modules_to_save"] = kept or None
+        rundir.write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[str, Any]:

@@ -57,6 +57,8 @@ def test_lora_run_directory_and_evaluate(train, data):
     ):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "model.safetensors").exists(), "a LoRA run saves the adapter only"
+    saved = json.loads((run_dir / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved == ["bert.pooler", "classifier"], saved  # each once, none the model lacks (PEFT adds `score`)
     assert not (run_dir / ".final.tmp").exists()
 
     result = evaluate([str(run_dir)])
