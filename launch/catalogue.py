@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +113,12 @@ def update(text: str) -> str:
 def show(sections: list[str]) -> None:
     """The tables for a terminal (rich); piped or redirected, every cell on one line, unwrapped."""
     # deferred: rich only for `ftctl list` itself, not for --markdown or --update
-    from rich.console import Console
     from rich.table import Table as RichTable
 
-    terminal = sys.stdout.isatty()
-    console = Console(soft_wrap=not terminal, width=None if terminal else 10_000)
+    from launch.run.console import make_console, on_terminal
+
+    terminal = on_terminal()
+    console = make_console(log_width=10_000)  # the compatibility matrix is wider than a log line
     for section in sections:
         for table in tables(section):
             shown = RichTable(title=table.title, title_justify="left")

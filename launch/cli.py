@@ -25,12 +25,12 @@ def _train(argv: list[str]) -> None:
     from launch.run import launcher
     from launch.train import main
 
+    options, rest = launcher.split(argv)
     if any(a in ("-h", "--help") for a in argv):  # usage and the training options first, then the launcher's
         try:
-            main(launcher.split(argv)[1], prog="ftctl train")
+            main(rest, prog="ftctl train")
         finally:
             print(launcher.launcher_help())
-    options, rest = launcher.split(argv)
     if launcher.wants_launcher(options):
         code = launcher.launch(options, rest)
         if code:

@@ -15,11 +15,14 @@ from tasks._metrics import COUNT_METRICS
 LOG_WIDTH = 400
 
 
-def make_console(file: TextIO | None = None, stderr: bool = False) -> Console:
-    """A console that wraps only on a terminal."""
+def make_console(file: TextIO | None = None, stderr: bool = False, log_width: int = LOG_WIDTH) -> Console:
+    """A console that wraps only on a terminal; elsewhere lines are as wide as their content, up to `log_width`."""
+    return Console(file=file, stderr=stderr, highlight=False, width=None if on_terminal(file, stderr) else log_width)
+
+
+def on_terminal(file: TextIO | None = None, stderr: bool = False) -> bool:
     stream = file or (sys.stderr if stderr else sys.stdout)
-    terminal = hasattr(stream, "isatty") and stream.isatty()
-    return Console(file=file, stderr=stderr, highlight=False, width=None if terminal else LOG_WIDTH)
+    return hasattr(stream, "isatty") and stream.isatty()
 
 
 console = make_console()

@@ -37,6 +37,7 @@ from launch.run.planning.measure import compare
 from launch.run.runs import Run
 from launch.run.scoring import score
 from launch.run.trainer import FtctlTrainer
+from launch.run.trainer_internals import ties
 from methods.base import saved_weights, trained_modules
 from tasks.base import LoadedData, Prompted, Task
 
@@ -141,8 +142,7 @@ def commit(facts: Facts, scores: Scores, clock: Clock, staging: Path, run_dir: P
     """Write the final files into `staging`, move them into the run directory, then write run.json (last: its
     presence means the run completed). Main process only."""
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer adds; run.json has it all
-    name_base_portably(staging, facts.run.model_ref)
-    list_saved_modules_once(staging, facts.model)
+    tidy_adapter_config(staging, facts.run.model_ref, facts.model)
     facts.tokenizer.save_pretrained(str(staging))
     run_record = run_json(facts, scores, clock, staging)
     (staging / "README.md").write_text(model_card(run_record), encoding="utf-8")
@@ -174,44 +174,34 @@ def kept_checkpoint(state: Any, args: Any) -> str | None:
     key = name if name.startswith("eval_") else f"eval_{name}"
     # the evaluations a checkpoint was kept for (not the one before the first step)
     evaluations = [h for h in state.log_history if isinstance(h.get(key), (int, float)) and h.get("step", 0) > 0]
-    ties = [h for h in evaluations if abs(h[key] - best) <= 1e-12]
+    tied = [h for h in evaluations if ties(h[key], best)]
     why = f"best {name} {best:.4f}"
-    if len(ties) > 1:
-        why += f", the lowest validation loss of the {len(ties)} evaluations that tie on it"
+    if len(tied) > 1:
+        why += f", the lowest validation loss of the {len(tied)} evaluations that tie on it"
     return f"kept step {step} of {state.global_step}: {why}"
 
 
-def name_base_portably(saved: Path, model_ref: str) -> None:
-    """An adapter names its base by the path it was trained from; for the embedded MiniLM (a path inside this
+def tidy_adapter_config(saved: Path, model_ref: str, model: torch.nn.Module) -> None:
+    """Two corrections to the saved `adapter_config.json`, read and written once.
+
+    The base: an adapter names it by the path it was trained from; for the embedded MiniLM (a path inside this
     installation) name its hub id instead, which plain transformers/peft code loads anywhere and ftctl resolves to
-    its embedded copy."""
-    config_path = saved / "adapter_config.json"
-    if not config_path.is_file() or not is_embedded(model_ref):
-        return
-    config = rundir.read_json(config_path, "adapter config")
-    config["base_model_name_or_path"] = EMBEDDED_HUB_ID
-    rundir.write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def list_saved_modules_once(saved: Path, model: torch.nn.Module) -> None:
-    """PEFT adds its own head names for sequence classification (`classifier`, `score`) to `modules_to_save`, so an
-    adapter of BERT listed `classifier` twice and a `score` it does not have: list each module of the model once."""
+    its embedded copy. `modules_to_save`: PEFT adds its own head names for sequence classification (`classifier`,
+    `score`), so an adapter of BERT listed `classifier` twice and a `score` it does not have; list each module of
+    the model once."""
     config_path = saved / "adapter_config.json"
     if not config_path.is_file():
         return
     config = rundir.read_json(config_path, "adapter config")
-    listed = config.get("modules_to_save")
-    if not listed:
-        return
-    names = [name for name, _ in model.named_modules()]
-
-    def present(module: str) -> bool:
-        return any(n == module or n.endswith("." + module) or f".{module}." in f".{n}." for n in names)
-
-    kept = [m for m in dict.fromkeys(listed) if present(m)]
-    if kept != listed:
-        config["modules_to_save"] = kept or None
-        rundir.write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tidy = dict(config)
+    if is_embedded(model_ref):
+        tidy["base_model_name_or_path"] = EMBEDDED_HUB_ID
+    if config.get("modules_to_save"):
+        names = [f".{name}." for name, _ in model.named_modules()]
+        kept = [m for m in dict.fromkeys(config["modules_to_save"]) if any(f".{m}." in n for n in names)]
+        tidy["modules_to_save"] = kept or None
+    if tidy != config:
+        rundir.write_text(config_path, json.dumps(tidy, indent=2, sort_keys=True) + "\n")
 
 
 def run_json(facts: Facts, scores: Scores, clock: Clock, saved: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
@@ -44,10 +43,15 @@ def eval_loss_at(history: list[dict[str, Any]], step: int | None) -> float | Non
     return float(found[-1]) if found else None
 
 
+def ties(value: float, best: float) -> bool:
+    """Two scores of the primary metric that count as a tie."""
+    return abs(value - best) <= 1e-12
+
+
 def wins_tie(value: float, best: float | None, loss: float | None, best_loss: float | None) -> bool:
     """An evaluation that equals the best primary metric so far replaces it when its validation loss is no higher:
     the lower loss wins, and on equal loss the later step (the Trainer alone keeps the earliest of a tie)."""
-    if best is None or loss is None or not np.isclose(value, best, rtol=0, atol=1e-12):
+    if best is None or loss is None or not ties(value, best):
         return False
     return best_loss is None or loss <= best_loss
 

@@ -40,15 +40,14 @@ def evaluation(run: Run, rows: list[dict[str, Any]], task_cls: Any) -> stats.Eva
     """The run's per-example statistics, when its task has them and its predictions file is of the task's shape."""
     if not rows or task_cls is None or not issubclass(task_cls, ExampleStatistics):
         return None
-    task = task_cls  # the statistics hooks are classmethods: they read only their arguments
     state = (run.record.get("task") or {}).get("state") or {}
-    try:
-        values = task.example_statistics(rows, state)
+    try:  # the statistics hooks are classmethods: they read only their arguments
+        values = task_cls.example_statistics(rows, state)
     except (KeyError, TypeError, ValueError):  # a predictions file from an older ftctl, without the fields needed
         return None
     # the rows actually scored are part of what is paired on (a predictions file may hold fewer than were evaluated)
     key = (*pair_key(run), len(rows))
-    return stats.Evaluation(values, lambda totals: task.metrics_from_totals(totals, state), key)
+    return stats.Evaluation(values, lambda totals: task_cls.metrics_from_totals(totals, state), key)
 
 
 def _mean(values: list[Any]) -> float | None:

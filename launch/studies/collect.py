@@ -197,11 +197,6 @@ def _task_class(record: dict[str, Any]) -> Any:
     return TASKS.get(preset).cls if isinstance(preset, str) and preset in TASKS else None
 
 
-def _row_view(record: dict[str, Any]) -> RowView:
-    cls = _task_class(record)
-    return cls.row_view if cls is not None else RowView()
-
-
 def _metric_order(runs: list[Run], after: dict[str, dict[str, float]]) -> list[str]:
     """The task's metrics, its main one first, then whatever else the runs report (e.g. the loss)."""
     cls = _task_class(runs[0].record)
@@ -367,15 +362,16 @@ def assemble(collected: Collected, title: str) -> dict[str, Any]:
             after_rows = _rows(run.path / ("eval_predictions.jsonl" if run.scored else "predictions.jsonl"))
             before_rows = _rows(run.baseline_dir / "eval_baseline_predictions.jsonl") if run.baseline_dir else []
             rec = run.record
+            cls = _task_class(rec)
             scores.append((example_scores(after_rows, metrics, rec), example_scores(before_rows, metrics, rec)))
             studied.append(
                 {
                     "row": rows[-1],
                     "seed": run.seed,
-                    "evaluation": analysis.evaluation(run, after_rows, _task_class(rec)),
+                    "evaluation": analysis.evaluation(run, after_rows, cls),
                     "after_rows": after_rows,
                     "before_rows": before_rows,
-                    "view": _row_view(rec),
+                    "view": cls.row_view if cls is not None else RowView(),
                 }
             )
         _add_per_example(rows, scores, metrics)
