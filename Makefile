@@ -24,12 +24,13 @@ test-unit: setup
 	$(BIN)/python -m pytest -n 2 -q -m unit
 
 # Slow tests: multi-process and real-model checks.
-# (--dist loadgroup: tests sharing an xdist_group share a worker, and a module fixture computed once)
+# (--dist loadfile: a file's tests share a worker, so the executor tests, each a grid of cells side by side, run one
+# at a time and their module fixture is computed once. Not loadgroup: under pytest 9 with xdist 3.8 it groups nothing)
 test-slow: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m slow
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q -m slow
 
 test-all: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "slow or not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q -m "slow or not slow"
 
 # ruff; the layer contract (import-linter, pyproject.toml); the type checker over the kernel, the run layer and the studies
 lint: setup

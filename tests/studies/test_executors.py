@@ -146,7 +146,6 @@ def reference(models, data, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("executors")
 def test_jobs_2_equals_one_at_a_time_and_a_killed_cell_resumes(models, data, reference, tmp_path):
     spec = write_grid(tmp_path / "g.yaml", models, data)
     out = tmp_path / "grid"
@@ -176,16 +175,19 @@ def test_jobs_2_equals_one_at_a_time_and_a_killed_cell_resumes(models, data, ref
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("executors")
 def test_ray_runs_the_grid_and_retries_a_cell_whose_worker_died(models, data, reference, tmp_path):
     pytest.importorskip("ray", reason="Ray is installed with ftctl's dev extras (CI installs them)")
     spec = write_grid(tmp_path / "g.yaml", models, data)
     out = tmp_path / "grid"
     proc = ftctl("grid", str(spec), "--output-dir", str(out), "--executor", "ray", cwd=tmp_path)
     victim = out / CELLS[1]
-    worker = training_process(victim, 20, proc).parent()  # the Ray worker running the cell's task
+    training = training_process(victim, 10, proc)
+    training.suspend()  # held until its worker is gone: the SIGTERM the worker's death sends waits for it
+    worker = training.parent()  # the Ray worker running the cell's task
     assert worker is not None and "ray" in " ".join(worker.cmdline()).lower()
     worker.kill()  # Ray retries the task; its training, told to stop as its worker died, checkpoints first
+    worker.wait(timeout=60)
+    training.resume()
     finished(proc)
 
     state = json.loads((out / "grid.json").read_text())
@@ -197,7 +199,6 @@ def test_ray_runs_the_grid_and_retries_a_cell_whose_worker_died(models, data, re
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("executors")
 @pytest.mark.parametrize("executor", [["--jobs", "2"], ["--executor", "ray"]], ids=["jobs2", "ray"])
 def test_sigterm_checkpoints_every_running_cell_and_the_rerun_resumes_them(models, data, tmp_path, executor):
     if "ray" in executor:
@@ -347,7 +348,6 @@ def ray_node(*args: str, env: dict[str, str], isolate: Path | None = None) -> su
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("executors")
 def test_a_ray_node_that_does_not_see_the_grid_directory_stops_the_grid(models, data, tmp_path):
     pytest.importorskip("ray", reason="Ray is installed with ftctl's dev extras (CI installs them)")
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)

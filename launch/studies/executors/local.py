@@ -218,7 +218,10 @@ class LocalCell:
         log_tail = "\n".join(tail(self.job.log, 16384))
         if killed(code, log_tail) and not self.signalled and self.retried < self.job.retries:
             self.retried += 1  # killed, not by the grid: again, from its last checkpoint
-            self._train(resume_flag(self.job.run_dir))
+            if self.job.trained_ok():  # killed after its run was complete: score it
+                self._score()
+            else:
+                self._train(resume_flag(self.job.run_dir))
             return None
         return self._end(Outcome("train", code))
 

@@ -45,7 +45,11 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
         marker = Path(job["marker"])
         retry = marker.is_file() and marker.read_text() == job["token"]
         marker.write_text(job["token"])
-        if not job["trained"]:
+        if retry and (run_dir / RUN_FILE).is_file():  # the attempt whose worker died had finished training
+            with log.open("a", encoding="utf-8") as out:
+                out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} train (retried): finished by the earlier "
+                          "attempt, before its worker died; scoring it\n")  # fmt: skip
+        elif not job["trained"]:
             flag = resume_flag(run_dir) if retry else job["flag"]
             cmd = cell_command(job["launcher"], [*job["train"], *flag])
             code = _foreground(cmd, log, env, "train" + (" (retried)" if retry else ""), lock.fileno())
@@ -108,7 +112,8 @@ class RayCluster:
             _reachable(address)
         try:
             ray.init(
-                address=address or None,
+                # no address: a new local cluster, never one `ray start` left running here (--ray-address auto joins it)
+                address=address or "local",
                 include_dashboard=False,
                 log_to_driver=False,  # each cell's output goes to its log, as on this machine
                 logging_level=logging.WARNING,  # not Ray's INFO lines: an error stays one line
