@@ -30,7 +30,7 @@ from launch.run.arguments import check_world, total_steps, training_arguments
 from launch.run.config import default_output_dir
 from launch.run.console import console, show_pairs
 from launch.run.dropout import use_cpu_dropout
-from launch.run.planning.measure import AllocationProbe, attempt
+from launch.run.planning.measure import AllocationProbe, attempt, probed
 from launch.run.planning.prediction import Prediction
 from launch.run.quiet import quiet, quiet_transformers
 from launch.run.reliability import GracefulStop, RunStopped
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m launch.train") ->
         run_dir,
         tuple(t for t in (tracker, s.probe) if t is not None),
     )
-    with clock.training():
+    with clock.training(), probed(s.probe):  # the probe's profiled window ends with training, whatever ends it
         result = trainer.train(resume_from_checkpoint=s.resume_checkpoint)
     raise_if_stopped(trainer, argv, prog)  # a signal: the checkpoint is written; say how to continue
 

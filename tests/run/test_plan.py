@@ -86,6 +86,43 @@ def test_probe_is_not_skewed_by_an_earlier_window():
         assert probe.measured_mb == pytest.approx(live + 4, abs=0.05)
 
 
+def test_the_training_log_has_no_profiler_lines(train, same_length, capfd):
+    """The measured side profiles one step on the CPU; the profiler's own notices (kineto's USDT lines, c10's
+    warning about blocks allocated before the window) stay out of the log, which is still written."""
+    run_dir = train(*SHORT, *same_length, "--logging-steps", "1")
+    out, err = capfd.readouterr()
+    assert run_json(run_dir)["plan"]["measured"]["peak_memory_mb"]  # the profiler ran
+    log = out + err
+    assert "step" in log.lower() or "loss" in log.lower(), log[-2000:]
+    for noise in ("USDT", "profiler_start", "profiler_stop", "CPUAllocator", "unknown size"):
+        assert noise not in log, log[-2000:]
+
+
+def test_what_else_the_profiled_step_writes_is_kept_and_the_log_given_back(capfd):
+    """Lines other than the profiler's, written to descriptor 2 in the window, come back in order; a window that
+    training left open (an error within the step) is closed and descriptor 2 is the log's again."""
+    import os
+
+    import torch
+
+    from launch.run.planning.measure import AllocationProbe, probed
+    from launch.run.planning.prediction import Shape
+
+    model = torch.nn.Linear(8, 8)
+    probe = AllocationProbe(Shape(1, 1, 1, "fp32", "cpu", length=4))
+    with pytest.raises(RuntimeError, match="in the step"), probed(probe):
+        probe.armed = True
+        probe.on_step_begin(None, None, None, model=model, optimizer=None)
+        os.write(2, b"a real warning\n")
+        os.write(2, b"USDT:2026-12-05 10:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"the next line\n")
+        raise RuntimeError("in the step")
+    os.write(2, b"after the window\n")
+    err = capfd.readouterr().err
+    assert "a real warning\nthe next line\nafter the window\n" in err and "USDT" not in err
+    assert probe.profiler is None and probe.quiet.saved is None
+
+
 def test_no_plan_records_none(train):
     run_dir = train("--max-steps", "2", "--no-plan")
     assert run_json(run_dir)["plan"] is None

@@ -3,9 +3,14 @@ optimizer step of the planned shape (profiler memory events)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,40 @@ def window_peak(events: list[dict[str, Any]]) -> int:
     return max(0, max(e["args"]["Total Allocated"] for e in memory) - start)
 
 
+class QuietProfiler:
+    """The profiler's own notices kept out of the training log: kineto's `USDT: ... profiler_start/stop` lines and
+    c10's warning about blocks allocated before the window, both written by C++ to file descriptor 2. While the
+    window is open, descriptor 2 goes to a temporary file; when it closes, every other line written meanwhile is
+    written back, in order."""
+
+    NOISE = re.compile(r"USDT:.*profiler_(start|stop)|CPUAllocator\.cpp.*Memory block of unknown size")
+
+    def __init__(self) -> None:
+        self.saved: int | None = None
+        self.file: Any = None
+
+    def open(self) -> None:
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+
+    def close(self) -> None:
+        if self.saved is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.saved = None
+        self.file.seek(0)
+        lines = self.file.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        self.file.close()
+        kept = "".join(line for line in lines if not self.NOISE.search(line))
+        if kept:
+            sys.stderr.write(kept)
+            sys.stderr.flush()
+
+
 class AllocationProbe(TrainerCallback):
     """The measured side of the prediction on the CPU, where torch keeps no allocator statistics: the allocator's
     peak over one optimizer step shaped as the planned one (micro-batches of the longest length, after the first
@@ -54,6 +93,7 @@ class AllocationProbe(TrainerCallback):
         self.live = 0
         self.measured_mb: float | None = None
         self.seconds = 0.0
+        self.quiet = QuietProfiler()
 
     def see_batches(self, batches: list[dict[str, Any]], global_step: int) -> None:
         """FtctlTrainer hands over each optimizer step's micro-batches before the step begins."""
@@ -68,6 +108,7 @@ class AllocationProbe(TrainerCallback):
         self.armed = False
         self.live = live_bytes(kwargs["model"], kwargs.get("optimizer"))
         self.seconds = time.perf_counter()
+        self.quiet.open()
         self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self.profiler.start()
 
@@ -75,12 +116,32 @@ class AllocationProbe(TrainerCallback):
         if self.profiler is None:
             return
         self.profiler.stop()
+        self.quiet.close()
         with tempfile.NamedTemporaryFile(suffix=".json") as trace:
             self.profiler.export_chrome_trace(trace.name)
             events = json.loads(Path(trace.name).read_text(encoding="utf-8"))["traceEvents"]
         self.measured_mb = (self.live + window_peak(events)) / MiB
         self.profiler = None
         self.seconds = time.perf_counter() - self.seconds
+
+    def close(self) -> None:
+        """A window that training left open (an error or a second Ctrl-C within the step): closed, and the log's
+        descriptor given back."""
+        if self.profiler is not None:
+            with contextlib.suppress(Exception):
+                self.profiler.stop()
+            self.profiler = None
+        self.quiet.close()
+
+
+@contextlib.contextmanager
+def probed(probe: AllocationProbe | None) -> Iterator[None]:
+    """Training under the probe: whatever ends it, the profiled window is closed."""
+    try:
+        yield
+    finally:
+        if probe is not None:
+            probe.close()
 
 
 def attempt(run: runs.Run, tokenizer: Any, encoded: Any, steps: int) -> Prediction | None:
