@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import tempfile
 import warnings
+from typing import Any
 
 
 def quiet() -> None:
@@ -41,3 +45,39 @@ def quiet_transformers() -> None:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+
+
+class QuietProfiler:
+    """The profiler's own notices kept out of the training log: kineto's `USDT: ... profiler_start/stop` lines and
+    c10's warning about blocks allocated before the window, both written by C++ to file descriptor 2. While the
+    window is open, descriptor 2 goes to a temporary file; when it closes, every other line written meanwhile is
+    written back, in order. With FTCTL_VERBOSE set, nothing is held back."""
+
+    NOISE = re.compile(r"USDT:.*profiler_(start|stop)|CPUAllocator\.cpp.*Memory block of unknown size")
+
+    def __init__(self) -> None:
+        self.saved: int | None = None
+        self.file: Any = None
+
+    def open(self) -> None:
+        if os.environ.get("FTCTL_VERBOSE"):
+            return
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+
+    def close(self) -> None:
+        if self.saved is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.saved = None
+        self.file.seek(0)
+        lines = self.file.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        self.file.close()
+        kept = "".join(line for line in lines if not self.NOISE.search(line))
+        if kept:
+            sys.stderr.write(kept)
+            sys.stderr.flush()

@@ -123,6 +123,20 @@ def test_what_else_the_profiled_step_writes_is_kept_and_the_log_given_back(capfd
     assert probe.profiler is None and probe.quiet.saved is None
 
 
+def test_ftctl_verbose_keeps_the_profilers_lines(capfd, monkeypatch):
+    """FTCTL_VERBOSE=1 shows the libraries' own output again (launch/run/quiet.py), the profiler's included."""
+    import os
+
+    from launch.run.quiet import QuietProfiler
+
+    monkeypatch.setenv("FTCTL_VERBOSE", "1")
+    quiet = QuietProfiler()
+    quiet.open()
+    os.write(2, b"USDT:2026-12-05 10:00:00 1:1 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
+    quiet.close()
+    assert "profiler_stop" in capfd.readouterr().err
+
+
 def test_no_plan_records_none(train):
     run_dir = train("--max-steps", "2", "--no-plan")
     assert run_json(run_dir)["plan"] is None

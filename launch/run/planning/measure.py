@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +19,7 @@ from ftctl.errors import FtctlError, warn
 from launch.run import runs
 from launch.run.planning.predict import predict, shape_of
 from launch.run.planning.prediction import MiB, Prediction, Shape
+from launch.run.quiet import QuietProfiler
 
 
 def live_bytes(model: torch.nn.Module, optimizer: Any) -> int:
@@ -44,40 +42,6 @@ def window_peak(events: list[dict[str, Any]]) -> int:
         return 0
     start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
     return max(0, max(e["args"]["Total Allocated"] for e in memory) - start)
-
-
-class QuietProfiler:
-    """The profiler's own notices kept out of the training log: kineto's `USDT: ... profiler_start/stop` lines and
-    c10's warning about blocks allocated before the window, both written by C++ to file descriptor 2. While the
-    window is open, descriptor 2 goes to a temporary file; when it closes, every other line written meanwhile is
-    written back, in order."""
-
-    NOISE = re.compile(r"USDT:.*profiler_(start|stop)|CPUAllocator\.cpp.*Memory block of unknown size")
-
-    def __init__(self) -> None:
-        self.saved: int | None = None
-        self.file: Any = None
-
-    def open(self) -> None:
-        sys.stderr.flush()
-        self.file = tempfile.TemporaryFile()
-        self.saved = os.dup(2)
-        os.dup2(self.file.fileno(), 2)
-
-    def close(self) -> None:
-        if self.saved is None:
-            return
-        sys.stderr.flush()
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-        self.saved = None
-        self.file.seek(0)
-        lines = self.file.read().decode("utf-8", errors="replace").splitlines(keepends=True)
-        self.file.close()
-        kept = "".join(line for line in lines if not self.NOISE.search(line))
-        if kept:
-            sys.stderr.write(kept)
-            sys.stderr.flush()
 
 
 class AllocationProbe(TrainerCallback):

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -159,14 +159,19 @@ def stop_with_parent() -> None:
         pass
 
 
+def log_header(out: TextIO, what: str, text: str) -> None:
+    """The line that opens one part of a cell's log: when, which stage, and what ran (or why nothing did)."""
+    out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {text}\n")
+    out.flush()
+
+
 class ProcessJob:
     """One process of a cell (training or scoring), its output appended to the cell's log, in its own session: a
     Ctrl-C in the terminal reaches the grid only, which passes exactly one on."""
 
     def __init__(self, cmd: list[str], log: Path, env: dict[str, str], what: str, keep: tuple[int, ...] = ()):
         with log.open("a", encoding="utf-8") as out:
-            out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {shlex.join(cmd)}\n")
-            out.flush()
+            log_header(out, what, shlex.join(cmd))
             self.proc = subprocess.Popen(
                 cmd,
                 stdout=out,

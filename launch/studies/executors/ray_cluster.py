@@ -28,6 +28,7 @@ from launch.studies.executors.base import (
     ProcessJob,
     cell_command,
     evaluate_command,
+    log_header,
     resume_flag,
 )
 
@@ -47,8 +48,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
         marker.write_text(job["token"])
         if retry and (run_dir / RUN_FILE).is_file():  # the attempt whose worker died had finished training
             with log.open("a", encoding="utf-8") as out:
-                out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} train (retried): finished by the earlier "
-                          "attempt, before its worker died; scoring it\n")  # fmt: skip
+                log_header(out, "train (retried)", "finished by the earlier attempt before its worker died; scoring it")
         elif not job["trained"]:
             flag = resume_flag(run_dir) if retry else job["flag"]
             cmd = cell_command(job["launcher"], [*job["train"], *flag])
