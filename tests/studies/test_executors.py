@@ -125,6 +125,35 @@ def training_process(run_dir: Path, after_checkpoint: int, proc: subprocess.Pope
     raise AssertionError(f"no training process of {run_dir.name}")
 
 
+def hold_at_step(run_dirs: list[Path], step: int, proc: subprocess.Popen) -> list[psutil.Process]:
+    """The training process of each cell, stopped (SIGSTOP) as soon as it has logged `step`, until all of them
+    have: none runs far ahead, or to its end, while a slower one is still starting (Ray starts the second late)."""
+    held: dict[Path, psutil.Process] = {}
+    deadline = time.time() + 600
+    while len(held) < len(run_dirs):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        for run_dir in run_dirs:
+            events = run_dir / "events.jsonl"
+            if run_dir not in held and events.is_file() and f'"step": {step}' in events.read_text():
+                held[run_dir] = next(
+                    p
+                    for p in psutil.process_iter(["cmdline"])
+                    if "launch.train" in (p.info["cmdline"] or []) and str(run_dir) in (p.info["cmdline"] or [])
+                )
+                held[run_dir].suspend()
+        time.sleep(0.05)
+    return [held[d] for d in run_dirs]
+
+
+def signal_pending(process: psutil.Process, signum: int) -> bool:
+    """Whether `signum` waits to be delivered to a stopped process (Linux: /proc/PID/status)."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        key, _, mask = line.partition(":")
+        if key in ("SigPnd", "ShdPnd") and int(mask, 16) >> (signum - 1) & 1:
+            return True
+    return False
+
+
 def overlapped(grid_dir: Path, a: str, b: str) -> bool:
     """Whether two cells trained at the same time (their events' first and last stamps)."""
 
@@ -205,18 +234,19 @@ def test_sigterm_checkpoints_every_running_cell_and_the_rerun_resumes_them(model
         pytest.importorskip("ray", reason="Ray is installed with ftctl's dev extras (CI installs them)")
     spec = write_grid(
         tmp_path / "g.yaml", models, data, seeds=[1], settings={**SETTINGS, "max_steps": 2000, "save_every": 5000}
-    )  # long enough that both cells are training when the signal comes (Ray starts the second a few seconds late)
+    )
     out = tmp_path / "grid"
     plain = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = ftctl("grid", str(spec), "--output-dir", str(out), *executor, env=plain, cwd=tmp_path)
     names = ["tinybert__sst2__lora__seed1", "tinybert__sst2__head__seed1"]
-    deadline = time.time() + 600
-    while not all(
-        (out / n / "events.jsonl").is_file() and '"step": 5' in (out / n / "events.jsonl").read_text() for n in names
-    ):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    held = hold_at_step([out / n for n in names], 5, proc)
     proc.send_signal(signal.SIGTERM)
+    for training in held:  # let each go once the grid has passed it the signal: it checkpoints and stops
+        deadline = time.time() + 120
+        while not signal_pending(training, signal.SIGTERM):
+            assert time.time() < deadline, "the grid did not pass SIGTERM on to a running cell"
+            time.sleep(0.1)
+        training.resume()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped: SIGTERM received: the grid stopped during cell" in err and all(n in err for n in names)
