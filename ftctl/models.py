@@ -142,6 +142,22 @@ def _skeleton(auto_cls: Any, ref: str, kwargs: dict[str, Any]) -> Any:
     return (model, {"missing_keys": []}) if kwargs.get("output_loading_info") else model
 
 
+@contextlib.contextmanager
+def without_zero3() -> Iterator[None]:
+    """Models built here are built as without DeepSpeed. While a ZeRO-3 config is set (inside a ZeRO-3 training
+    process), transformers builds every model through `deepspeed.zero.Init`, sharded, and then initialises it
+    gathered, which fails on a weightless meta-device copy (its RoPE buffers hold no data). The setting is
+    transformers' module global; it is put back on leaving."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # noqa: SLF001 - transformers keeps it only there
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved  # noqa: SLF001
+
+
 def from_pretrained(auto_cls: Any, ref: str, **kwargs: Any) -> Any:
     """`auto_cls.from_pretrained` with load errors turned into one clear line."""
     if _SKELETON.get():

@@ -24,7 +24,7 @@ from transformers import BitsAndBytesConfig
 from transformers.quantizers.base import get_keys_to_not_convert
 
 from ftctl import device
-from ftctl.models import load_config
+from ftctl.models import load_config, without_zero3
 from methods._matrix import Refusal
 from tasks.base import Task
 
@@ -79,7 +79,7 @@ def kept_full_precision(task: Task, model_config: PretrainedConfig) -> list[str]
     """Modules not to quantize: the task head and transformers' own choice (output embeddings, tied weights, the
     last module), found on a weightless (meta-device) copy of the model."""
 
-    with torch.device("meta"):
+    with torch.device("meta"), without_zero3():  # under ZeRO-3 too: it only names modules
         skeleton = getattr(transformers, task.fit.auto_model).from_config(model_config)
     modules = dict(skeleton.named_modules())
     keep = {*task.head_modules(skeleton), *get_keys_to_not_convert(skeleton)}

@@ -15,7 +15,9 @@ equal the stock loss's (tests/run/test_lm_loss.py).
   logits chunk in fp32 at all; it needs an output layer without an adapter on it;
 - `plain`: the model's own loss;
 - `auto`: `fused` where it can run, else `chunked`; `plain` for methods whose forward changes the loss or the
-  positions (AdaLoRA adds its orthogonality penalty to the model's loss; prompt tuning prepends virtual tokens).
+  positions (AdaLoRA adds its orthogonality penalty to the model's loss; prompt tuning prepends virtual tokens), and
+  under DeepSpeed ZeRO-3, which shards the output layer's weight and gathers it only inside the model's forward: the
+  lean losses call that layer after the forward (and recompute it in the backward pass), where it holds no weight.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ftctl.errors import FtctlError
-from ftctl.vocab import LOSS_KERNELS
+from ftctl.vocab import LOSS_KERNELS, Family
+from methods.base import Method
+from tasks.base import Task
 
 CHOICES = LOSS_KERNELS
 CHUNK = 1024  # label positions whose logits are computed at once
@@ -42,8 +46,23 @@ class LossChoice:
     why: str
 
 
+ZERO3 = "DeepSpeed ZeRO-3 shards the output layer, which the lean loss calls outside the model's forward"
+
+
+def for_run(task: Task, method: Method, cuda: bool, zero3: bool) -> LossChoice:
+    """The loss a run trains with: the lean LM loss for decoder LM tasks where the method and the launch allow it,
+    else the model's own. Asked before any weights are loaded (a refusal costs nothing) and again by the Trainer."""
+    return choose(
+        str(getattr(task.opts, "loss_kernel", "plain")),
+        task.fit.loss_counts_items and task.fit.family == Family.DECODER,
+        method.plain_loss_reason() or (ZERO3 if zero3 else None),
+        cuda,
+    )
+
+
 def choose(requested: str, decoder_lm: bool, method_reason: str | None, cuda: bool) -> LossChoice:
-    """Which loss a run uses, and why; refuses a kernel that cannot run here, in one line."""
+    """Which loss a run uses, and why; refuses a kernel that cannot run here, in one line. `method_reason`: why
+    the method (or the launch) needs the model's own loss."""
     if requested not in CHOICES:
         raise FtctlError(f"--loss-kernel must be one of {', '.join(CHOICES)}, got {requested!r}")
     if not decoder_lm:

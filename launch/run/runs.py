@@ -25,7 +25,7 @@ from ftctl.errors import FtctlError
 from ftctl.facts import DataFacts, LaunchFacts
 from ftctl.models import check_precision, load_config, load_tokenizer, model_family, resolve_model
 from ftctl.vocab import Family
-from launch.run import configs, tracking
+from launch.run import configs, lm_loss, tracking
 from launch.run.cache import encode_cached
 from launch.run.config import Resolved, resolve, resolve_values, stored_values
 from launch.run.rundir import RUN_FILE, SPEC_FILE, read_json
@@ -124,7 +124,9 @@ def from_argv(argv: list[str], prog: str) -> Run:
     """A training run from its command line (and --config file), launched as this process was."""
     resolved = resolve(argv, prog)
     tracking.check_available(resolved.cfg.report_to)
-    return load(resolved, launch_facts(resolved.cfg))
+    run = load(resolved, launch_facts(resolved.cfg))
+    lm_loss.for_run(run.task, run.method, run.launch.device == "cuda", run.launch.deepspeed_stage == 3)  # refuses
+    return run
 
 
 def from_record(

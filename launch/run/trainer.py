@@ -21,7 +21,6 @@ from transformers import (
 from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 
 from ftctl.config import RunConfig
-from ftctl.vocab import Family
 from launch.run import lm_loss
 from launch.run.progress import EVENTS_FILE, EventLog, RichProgress
 from launch.run.reliability import (
@@ -45,17 +44,6 @@ class DropKeys:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         return self.collator([{k: v for k, v in f.items() if k not in self.keys} for f in features])
-
-
-def loss_choice(task: Task, method: Method, cuda: bool) -> lm_loss.LossChoice:
-    """The loss a run trains with: the lean LM loss (launch/run/lm_loss.py) for decoder LM tasks where the method
-    allows it, else the model's own."""
-    return lm_loss.choose(
-        str(getattr(task.opts, "loss_kernel", "plain")),
-        task.fit.loss_counts_items and task.fit.family == Family.DECODER,
-        method.plain_loss_reason(),
-        cuda,
-    )
 
 
 def batch_collator(task: Task, tokenizer: PreTrainedTokenizerBase, training: bool, cuda: bool) -> DropKeys:
@@ -86,7 +74,7 @@ class FtctlTrainer(TrainerInternals):
         kwargs.update(compute_metrics=self._metrics, preprocess_logits_for_metrics=self._reduce)
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)
-        self.loss_choice = loss_choice(task, method, torch.cuda.is_available())
+        self.loss_choice = lm_loss.for_run(task, method, torch.cuda.is_available(), is_deepspeed_zero3_enabled())
         stop = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, GracefulStop)), None)
         self.health = stop.health if stop is not None else StepHealth()
         if not task.fit.loss_counts_items:

@@ -149,3 +149,27 @@ def test_ia3_default_and_given_targets(build):
         build("llama", "ia3", "--target-modules", "k_proj", "--feedforward-modules", "down_proj")
     with pytest.raises(FtctlError, match="not found in this llama model"):
         build("llama", "ia3", "--target-modules", "query")
+
+
+def test_qlora_names_the_modules_it_keeps_inside_a_zero3_process(models, data):
+    """Inside a ZeRO-3 training process transformers builds every model sharded (deepspeed.zero.Init) and then
+    initialises it gathered, which failed on QLoRA's weightless copy of the model (NotImplementedError: cannot copy
+    out of meta tensor, on both ranks). The copy is built as without DeepSpeed, and the ZeRO-3 setting is back after."""
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from launch.run import runs
+    from methods._qlora import kept_full_precision
+
+    argv = ["--task", "sst2_t2t", "--method", "lora", "--model", str(models["llama"]),
+            "--train-file", str(data["train"])]  # fmt: skip
+    task = runs.from_argv(argv, "ftctl train").task
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        kept = kept_full_precision(task, AutoConfig.from_pretrained(models["llama"]))
+        assert "lm_head" in kept and is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()  # not left to later tests of this worker
+        del zero3

@@ -130,3 +130,24 @@ def test_the_choice_and_its_refusals():
         lm_loss.choose("chunked", False, None, cuda=False)
     with pytest.raises(FtctlError, match="AdaLoRA adds its penalty; use --loss-kernel plain"):
         lm_loss.choose("chunked", True, "AdaLoRA adds its penalty", cuda=False)
+
+
+@pytest.mark.parametrize("kernel, used", [("auto", "plain"), ("chunked", None), ("fused", None)])
+def test_zero3_trains_decoders_with_the_models_own_loss(models, data, monkeypatch, kernel, used):
+    """ZeRO-3 gathers the output layer's shards only inside the model's forward; the lean losses call it after the
+    forward (and recompute it in the backward pass), where it has no weight (a CheckpointError on every rank).
+    `auto` picks the model's own loss; a lean kernel asked for by name is refused at planning, before any weights
+    are loaded (the 2-process run under the shipped config: tests/distributed/test_shipped_configs.py)."""
+    from launch.run import runs
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    argv = ["--task", "sst2_t2t", "--method", "lora", "--model", str(models["llama"]), "--train-file",
+            str(data["train"]), "--loss-kernel", kernel]  # fmt: skip
+    if used is None:
+        with pytest.raises(FtctlError, match=f"--loss-kernel {kernel}: DeepSpeed ZeRO-3 shards the output layer"):
+            runs.from_argv(argv, "ftctl train")
+        return
+    run = runs.from_argv(argv, "ftctl train")
+    assert lm_loss.for_run(run.task, run.method, False, zero3=True).kernel == used
+    assert lm_loss.for_run(run.task, run.method, False, zero3=False).kernel == "chunked"

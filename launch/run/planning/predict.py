@@ -20,7 +20,7 @@ from launch.run.planning.prediction import MiB, Prediction, Shape
 from launch.run.planning.rate import device_rate
 from launch.run.planning.trace import autocast_for, optimizer_for, to_fake, traced_step
 from launch.run.precision import precision_flags
-from launch.run.trainer import batch_collator, loss_choice
+from launch.run.trainer import batch_collator
 from methods.base import frozen_linears_to
 from tasks.base import GENERATION_PREFIX
 
@@ -52,7 +52,7 @@ def longest_batch(task: Any, tokenizer: Any, encoded: Any, size: int, device: st
 
 
 def loss_kernel(run: runs.Run, device: str) -> str:
-    kernel = loss_choice(run.task, run.method, device == "cuda").kernel
+    kernel = lm_loss.for_run(run.task, run.method, device == "cuda", run.launch.deepspeed_stage == 3).kernel
     return "chunked" if kernel == "fused" else kernel  # the fused kernel runs on CUDA only
 
 
