@@ -180,6 +180,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise FtctlError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+        if not 0 <= self.seed < 2**32:  # numpy's and torch's seeds are unsigned 32-bit
+            raise FtctlError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         if not 0 <= self.warmup_ratio < 1:
             raise FtctlError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 < self.validation_split < 1:

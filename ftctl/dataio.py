@@ -71,15 +71,40 @@ def check_header(p: Path, delimiter: str, what: str) -> None:
         )
 
 
+def check_fields(p: Path, delimiter: str, quoting: int, what: str) -> None:
+    """Refuse a row with more or fewer fields than the header. pandas would take a first row with one field more
+    for an index column and shift every row after it by one column (texts read as labels), or drop the extra
+    fields with index_col=False."""
+    if delimiter == ONE_COLUMN:
+        return
+    with p.open(encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        width = len(next(reader, []))
+        for row in reader:
+            if row and len(row) != width:
+                name = {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
+                hint = (
+                    "texts holding a tab cannot be read from a TSV; use CSV or JSONL"
+                    if delimiter == "\t"
+                    else f'quote texts that hold a {name} ("a, b")'
+                )
+                raise FtctlError(
+                    f"{what} {p}: line {reader.line_num} has {len(row)} {name}-separated fields, the header "
+                    f"{width}; {hint}"
+                )
+
+
 ONE_COLUMN = "\x1f"  # the ASCII unit separator, never in text: each line of a one-column file is one field
 
 
-def _sniff_delimiter(p: Path) -> str:
-    """The separator named by the header line; a header with none is a one-column table (a file of texts)."""
+def _sniff_delimiter(p: Path, first: str | None = None) -> str:
+    """The separator named by the header line, `first` where the header holds it (a comma for .csv: a header
+    `text;label` of a .csv is semicolon-separated, as spreadsheets write it in many locales); a header with none
+    is a one-column table (a file of texts)."""
     with p.open(encoding="utf-8", errors="replace") as f:
         header = f.readline()
-    for delimiter in ("\t", ";", "|", ","):
-        if delimiter in header:
+    for delimiter in (first, "\t", ";", "|", ","):
+        if delimiter and delimiter in header:
             return delimiter
     return ONE_COLUMN
 
@@ -88,13 +113,13 @@ def read_records(path: str, what: str = "data file") -> list[dict[str, Any]]:
     """Rows of a JSON array (or `{"data": [...]}`) or a JSON Lines file."""
     p = check_file(path, what)
     text = read_text(p, what)
-    try:
-        if p.suffix == ".jsonl" or (not text.lstrip().startswith("[") and "\n{" in text.strip()):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+    if p.suffix == ".jsonl" or (not text.lstrip().startswith("[") and "\n{" in text.strip()):
+        rows = _json_lines(text, path, what)
+    else:
+        try:
             rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FtctlError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except json.JSONDecodeError as exc:
+            raise FtctlError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if isinstance(rows, dict) and isinstance(rows.get("data"), list):
         rows = rows["data"]
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -104,6 +129,51 @@ def read_records(path: str, what: str = "data file") -> list[dict[str, Any]]:
     return rows
 
 
+def _json_lines(text: str, path: str, what: str) -> list[Any]:
+    """One JSON value per non-blank line; a broken one is named by its line in the file."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise FtctlError(f"{what} {path} is not valid JSON (line {number}: {exc.msg})") from None
+    return rows
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def check_kinds(rows: list[dict[str, Any]], path: str, what: str) -> None:
+    """Refuse a column whose rows hold different kinds of value (a number where the others hold texts, a list
+    where they hold numbers): Arrow, under datasets, cannot store it and would raise its own error."""
+    first: dict[str, tuple[str, int]] = {}
+    for number, row in enumerate(rows, start=1):
+        for key, value in row.items():
+            kind = _kind(value)
+            if kind is None:
+                continue
+            seen = first.setdefault(key, (kind, number))
+            if seen[0] != kind:
+                raise FtctlError(
+                    f"{what} {path}: '{key}' holds {kind} in row {number} but {seen[0]} in row {seen[1]}; give every "
+                    f'row the same kind of value (quote numbers meant as text: "42")'
+                )
+
+
+def dataset_of(rows: list[dict[str, Any]], path: str, what: str) -> datasets.Dataset:
+    check_kinds(rows, path, what)
+    return datasets.Dataset.from_list(rows)
+
+
 def read_table(path: str, what: str = "data file") -> datasets.Dataset:
     """A local CSV/TSV/TXT/JSON/JSONL/Parquet file as a Dataset (text tables keep every cell as a string)."""
     p = check_file(path, what)
@@ -111,16 +181,19 @@ def read_table(path: str, what: str = "data file") -> datasets.Dataset:
     if suffix not in TABLE_SUFFIXES:
         raise FtctlError(f"{what} {path} has an unsupported type '{suffix}'; use one of {', '.join(TABLE_SUFFIXES)}")
     if suffix in (".json", ".jsonl"):
-        return datasets.Dataset.from_list(read_records(path, what))
+        return dataset_of(read_records(path, what), path, what)
     try:
         if suffix == ".parquet":
             frame = pd.read_parquet(p)
         else:
-            delimiter = {".csv": ",", ".tsv": "\t"}.get(suffix) or _sniff_delimiter(p)
+            delimiter = "\t" if suffix == ".tsv" else _sniff_delimiter(p, "," if suffix == ".csv" else None)
+            if suffix == ".csv" and delimiter == ONE_COLUMN:
+                delimiter = ","  # one quoted column: a CSV writer quotes the texts that hold commas
             read_text(p, what)  # a clear line for a file that is not UTF-8
             check_header(p, delimiter, what)
             # GLUE-style TSVs are unquoted; quotes inside sentences are text, not field delimiters.
             quoting = csv.QUOTE_NONE if delimiter in ("\t", ONE_COLUMN) else csv.QUOTE_MINIMAL
+            check_fields(p, delimiter, quoting, what)
             frame = pd.read_csv(
                 p,
                 sep=delimiter,
@@ -129,6 +202,7 @@ def read_table(path: str, what: str = "data file") -> datasets.Dataset:
                 quoting=quoting,
                 encoding="utf-8",
                 on_bad_lines="error",
+                index_col=False,  # never a first column taken for the index (check_fields refused ragged rows)
             )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

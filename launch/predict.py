@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if opts["output"]
         else Path(opts["run_dir"]) / "predict" / f"{Path(opts['data']).stem}.jsonl"
     )
-    form = opts["format"] or ("csv" if output.suffix.lower() == ".csv" else "jsonl")
+    suffix = output.suffix.lower()
+    if not opts["format"] and suffix not in (".csv", ".jsonl", ".json"):
+        raise FtctlError(f"--output {output}: say the format by the name (.jsonl or .csv) or with --format jsonl/csv")
+    form = opts["format"] or ("csv" if suffix == ".csv" else "jsonl")
     if output.exists() and not opts["overwrite"]:
         raise FtctlError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
     run, weights = load(opts, **({"text_column": opts["text_column"]} if opts["text_column"] else {}))

@@ -23,6 +23,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from ftctl.errors import FtctlError
+from ftctl.models import position_limit
 from ftctl.options import option
 from ftctl.vocab import Family
 from methods._matrix import Refusal
@@ -163,6 +164,12 @@ class SoftPrompt(PeftMethod):
             raise FtctlError(
                 f"{self.variant} adds virtual tokens (or a prefix cache) to each input sequence, and --packing puts "
                 "several examples in one sequence, so they would share one prompt; drop --packing"
+            )
+        limit, _ = position_limit(ctx.model_config)
+        if limit is not None and self.opts.num_virtual_tokens >= limit:
+            raise FtctlError(
+                f"--num-virtual-tokens {self.opts.num_virtual_tokens} leaves no room for the input: this "
+                f"{ctx.model_config.model_type} model reads {limit} positions; use far fewer (20 is the default)"
             )
         if self.opts.prompt_init_text is not None and kind != PROMPT:
             raise FtctlError(f"--prompt-init-text applies to prompt_tuning only, not {self.variant}")

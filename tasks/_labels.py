@@ -67,9 +67,14 @@ def check_columns(splits: Mapping[str, datasets.Dataset], text_columns: list[str
         for column in [*text_columns, label_column]:
             if column not in ds.column_names:
                 flag = "--label-column" if column == label_column else "--text-column"
+                header = (
+                    "; its first line is read as the column names: add a header line"
+                    if any(" " in name for name in ds.column_names)
+                    else ""
+                )
                 raise FtctlError(
                     f"{split} data has no column '{column}'; columns found: {', '.join(ds.column_names)} "
-                    f"(choose with {flag})"
+                    f"(choose with {flag}{header})"
                 )
 
 
@@ -196,4 +201,37 @@ def check_label_data(
     check_texts(splits, text_columns)
     state = learn_labels(splits["train"], label_column, hint, preset) if training else task_state
     check_labels(splits, label_column, state)
+    if training:
+        warn_overlaps(splits, text_columns, label_column)
     return state
+
+
+def _texts(ds: datasets.Dataset, columns: list[str]) -> Any:
+    """Each row's input (its text columns joined) as a pandas Series."""
+    frame = ds.select_columns(columns).to_pandas()
+    key = frame[columns[0]].astype(str)
+    for column in columns[1:]:
+        key = key + "\x1f" + frame[column].astype(str)
+    return key
+
+
+def warn_overlaps(splits: Mapping[str, datasets.Dataset], text_columns: list[str], label_column: str) -> None:
+    """Legal, and almost always a mistake: evaluation inputs that are also training inputs (a leak: the scores
+    overstate what the model learnt), and one training input given different labels."""
+    train = _texts(splits["train"], text_columns)
+    labels = splits["train"].select_columns([label_column]).to_pandas()[label_column].astype(str)
+    conflicting = int((labels.groupby(train.values).nunique() > 1).sum())
+    if conflicting:
+        warn(
+            f"{conflicting} training text(s) appear with different labels in column '{label_column}'; the model "
+            "cannot learn both: fix or drop them"
+        )
+    seen = set(train)
+    for name in ("validation", "test"):
+        if name in splits and len(splits[name]):
+            shared = int(_texts(splits[name], text_columns).isin(seen).sum())
+            if shared:
+                warn(
+                    f"{shared} of {len(splits[name])} {name} example(s) have a text that is also in the train data "
+                    f"(a leak: the {name} scores would overstate what the model learnt); remove them from one side"
+                )

@@ -71,6 +71,9 @@ def read_template(value: str | None) -> str | None:
     return value
 
 
+META_FIELDS = ("labels", "task")  # fields that describe the task, not the example
+
+
 def check_template(template: str, spec: PromptSpec, flag: str = "--prompt-template") -> None:
     allowed = ("instruction", *spec.fields)
     try:
@@ -87,6 +90,12 @@ def check_template(template: str, spec: PromptSpec, flag: str = "--prompt-templa
             )
         if name == "":
             raise FtctlError(f"{flag}: a field without a name ({{}}); name it, e.g. {{{spec.fields[0]}}}")
+    inputs = [f for f in spec.fields if f not in META_FIELDS]
+    if not set(names) & set(inputs):
+        raise FtctlError(
+            f"{flag} holds none of the example's fields ({', '.join(f'{{{f}}}' for f in inputs)}): every prompt "
+            "would be the same text and the model would never see the input; add one, e.g. {" + spec.fields[0] + "}"
+        )
 
 
 class PromptFormat:

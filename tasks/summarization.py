@@ -69,7 +69,7 @@ class SummarizationTask(GenerationTask):
 
     def read_file(self, path: str, what: str) -> datasets.Dataset:
         if path.lower().endswith(".json"):  # also JSON objects written one after another
-            return datasets.Dataset.from_list(dataio.read_json_objects(path, what))
+            return dataio.dataset_of(dataio.read_json_objects(path, what), path, what)
         return dataio.read_table(path, what)
 
     def check_data(self, splits: dict[str, datasets.Dataset], training: bool) -> Mapping[str, Any]:

@@ -96,7 +96,7 @@ class TranslationTask(GenerationTask):
             if p.suffix == own:
                 return read_parallel(path, what, str(p.with_suffix(partner)), source, target)
         if p.suffix.lower() in (".json", ".jsonl"):
-            return datasets.Dataset.from_list(dataio.read_json_objects(path, what))
+            return dataio.dataset_of(dataio.read_json_objects(path, what), path, what)
         return dataio.read_table(path, what)
 
     def _pair(self, example: dict[str, Any]) -> tuple[str, str]:

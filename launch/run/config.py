@@ -75,20 +75,20 @@ def tuned_defaults() -> set[str]:
     return tuned
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def load_yaml(path: str, what: str = "config file", holds: str = "option: value") -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise FtctlError(f"config file not found: {path}")
+        raise FtctlError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise FtctlError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise FtctlError(f"{what} {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise FtctlError(f"config file {path} must be a mapping of option: value, got a {type(data).__name__}")
+        raise FtctlError(f"{what} {path} must be a mapping of {holds}, got a {type(data).__name__}")
     return data
 
 
@@ -98,12 +98,17 @@ def _user_values(argv: list[str], prog: str) -> tuple[dict[str, Any], dict[str, 
     values: dict[str, Any] = {}
     config_path = cli.pop("config", None)
     if config_path:
-        for key, value in load_yaml(config_path).items():
+        loaded = load_yaml(config_path)
+        if not loaded:
+            warn(f"config file {config_path} is empty; every option has its default")
+        for key, value in loaded.items():
             name = str(key).replace("-", "_")
             if name not in specs:
                 raise FtctlError(
                     f"unknown key '{key}' in {config_path}{suggest(name, specs)}; keys are the option names"
                 )
+            if value is None and specs[name].default is None:
+                continue  # `max_length:` with nothing after it: the default, as if the line were not there
             values[name] = coerce(specs[name], value, f"key '{key}' in {config_path}")
     values.update(cli)
     return values, specs

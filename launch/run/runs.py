@@ -21,9 +21,9 @@ from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from ftctl.config import RunConfig
-from ftctl.errors import FtctlError
+from ftctl.errors import FtctlError, warn
 from ftctl.facts import DataFacts, LaunchFacts
-from ftctl.models import check_precision, load_config, load_tokenizer, model_family, resolve_model
+from ftctl.models import check_max_length, check_precision, load_config, load_tokenizer, model_family, resolve_model
 from ftctl.vocab import Family
 from launch.run import configs, lm_loss, tracking
 from launch.run.cache import encode_cached
@@ -126,7 +126,20 @@ def from_argv(argv: list[str], prog: str) -> Run:
     tracking.check_available(resolved.cfg.report_to)
     run = load(resolved, launch_facts(resolved.cfg))
     lm_loss.for_run(run.task, run.method, run.launch.device == "cuda", run.launch.deepspeed_stage == 3)  # refuses
+    check_max_length(run.cfg.max_length, "max_length" in resolved.explicit, run.model_config)  # what the user set
+    warn_suspicious(run.cfg, resolved.explicit)
     return run
+
+
+def warn_suspicious(cfg: RunConfig, explicit: list[str]) -> None:
+    """Legal settings that are almost always a slip."""
+    if "warmup_ratio" in explicit and "warmup_steps" in explicit:
+        warn(f"--warmup-steps {cfg.warmup_steps} and --warmup-ratio {cfg.warmup_ratio} both given; the steps win")
+    if cfg.learning_rate is not None and cfg.learning_rate >= 1:
+        warn(
+            f"--learning-rate {cfg.learning_rate:g} is far above fine-tuning rates (about 1e-5 for full fine-tuning "
+            "to 1e-2 for soft prompts); training is likely to diverge"
+        )
 
 
 def from_record(
@@ -220,6 +233,8 @@ def from_saved(weights: Path, spec: dict[str, Any], model: str | None = None, **
 def locate(run_dir: str) -> tuple[Path, dict[str, Any]]:
     """(directory holding the weights, run spec) for a finished run or a checkpoint."""
     path = Path(run_dir)
+    if path.is_file():
+        raise FtctlError(f"{run_dir} is a file; give the run directory that holds it ({path.parent})")
     if not path.is_dir():
         raise FtctlError(f"run directory not found: {run_dir}")
     if (path / RUN_FILE).is_file():

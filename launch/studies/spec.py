@@ -199,7 +199,7 @@ def _match(raw: Any, where: str, spec_axes: dict[str, list[AxisValue]]) -> dict[
 
 def load_spec(path: str) -> GridSpec:
     """Read and check a grid file. Raises FtctlError for anything wrong in it; reads no model or data."""
-    data = load_yaml(path)
+    data = load_yaml(path, "grid file", "keys (name, models, tasks, methods, ...)")
     where = Path(path).name
     try:
         parsed = GridFile.model_validate(data)
