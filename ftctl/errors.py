@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,8 +37,19 @@ def warn(message: str) -> None:
     print(f"warning: {' '.join(message.split())}", file=sys.stderr)
 
 
+class Terminated(BaseException):  # not Exception: libraries catch those broadly, as they do not KeyboardInterrupt
+    """SIGTERM outside training (which checkpoints on it, launch/run/reliability.py): stop like Ctrl-C does."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run an entry point; a user error becomes one `error: ...` line on stderr and exit code 2."""
+    """Run an entry point; a user error becomes one `error: ...` line on stderr and exit code 2. Ctrl-C and SIGTERM
+    stop it with one line (exit 130 and 143): every file is written whole or not at all (launch/run/rundir.py)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         main(argv)
     except FtctlError as exc:
@@ -45,4 +58,10 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM); nothing half-written is left", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0

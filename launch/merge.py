@@ -96,13 +96,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, info: dict[str, Any], output: Path) -> None:
     """Write the merged model next to `output`, then move it into place."""
     staging = output.with_name(output.name + ".merge.tmp")
+    earlier = output.with_name(output.name + ".merge.old")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    rundir.write_json(staging / MERGE_FILE, info)
-    if output.exists():
-        shutil.rmtree(output)
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        rundir.write_json(staging / MERGE_FILE, info)
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: no half-written copy is left beside the output
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():  # an earlier merge (--overwrite): kept until the new one is in place
+        output.rename(earlier)
     staging.rename(output)
+    shutil.rmtree(earlier, ignore_errors=True)
 
 
 if __name__ == "__main__":

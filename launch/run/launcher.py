@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ftctl.errors import FtctlError
+from ftctl.errors import FtctlError, Terminated
 from ftctl.options import Parser
 from launch.run.configs import (
     ACCELERATE_CONFIGS,
@@ -116,6 +116,12 @@ def build_command(options: dict[str, Any], train_argv: list[str]) -> list[str]:
     ):
         if options.get(key) is not None:
             cmd += [flag, str(options[key])]
+    port = options.get("main_process_port")
+    if port is not None and not 1 <= port <= 65535:
+        raise FtctlError(f"--main-process-port must be a TCP port (1-65535), got {port}")
+    rank = options.get("machine_rank")
+    if rank is not None and not 0 <= rank < machines:
+        raise FtctlError(f"--machine-rank {rank} is not one of the {machines} machine(s): use 0 to {machines - 1}")
     if machines > 1 and not options.get("main_process_ip") and not config.get("main_process_ip"):
         raise FtctlError("a multi-machine run needs --main-process-ip (the rank-0 machine's address)")
     if not config:  # accelerate warns about every launch setting left to its defaults
@@ -177,8 +183,16 @@ def launch(options: dict[str, Any], train_argv: list[str]) -> int:
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
     relay = StderrRelay(options)
     assert proc.stderr is not None
-    for line in proc.stderr:
-        relay.feed(line)
+    try:
+        for line in proc.stderr:
+            relay.feed(line)
+    except (Terminated, KeyboardInterrupt) as stop:
+        # the launched processes checkpoint and say how to resume; Ctrl-C reached them already (the terminal sends
+        # it to the whole process group), a SIGTERM sent to this process alone is passed on
+        if isinstance(stop, Terminated):
+            proc.send_signal(signal.SIGTERM)
+        for line in proc.stderr:
+            relay.feed(line)
     relay.close()
     code = proc.wait()
     if code and (relay.explained or relay.usage_error):

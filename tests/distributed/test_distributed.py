@@ -272,3 +272,34 @@ def test_bad_launch_settings(setting, tmp_path, args, fragment):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_ftctl_alone_checkpoints_every_process(setting, tmp_path):
+    """A scheduler's SIGTERM sent to the `ftctl train` process only (not its group): it is passed on to the launched
+    processes, which checkpoint and say how to resume; ftctl exits 143 with their one line. Before, ftctl died at
+    once and left its training processes running on, orphaned."""
+    import signal
+    import subprocess
+
+    import psutil
+    from conftest import REPO
+
+    out = tmp_path / "stopped"
+    args = train_args(setting, out)
+    args[args.index("--max-steps") + 1] = "5000"  # far more than it gets to
+    args[args.index("--save-every") : args.index("--save-every") + 2] = ["--save-strategy", "no"]
+    exe = str(Path(__import__("sys").executable).parent / "ftctl")
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([exe, "train", "--num-processes", "2", "--main-process-port", str(free_port()), *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    events, deadline = out / "events.jsonl", time.time() + 300
+    while not (events.is_file() and '"step": 3' in events.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("stopped: SIGTERM received"), err
+    assert "--resume" in lines[0] and list(out.glob("checkpoint-*/spec.json"))
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
