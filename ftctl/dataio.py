@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 
 from ftctl.errors import FtctlError
 
@@ -171,7 +172,13 @@ def check_kinds(rows: list[dict[str, Any]], path: str, what: str) -> None:
 
 def dataset_of(rows: list[dict[str, Any]], path: str, what: str) -> datasets.Dataset:
     check_kinds(rows, path, what)
-    return datasets.Dataset.from_list(rows)
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # a nested field (a turn's content) of mixed kinds
+        raise FtctlError(
+            f"{what} {path}: a nested field holds different kinds of value in different rows ({exc}); give every "
+            "row the same kind of value"
+        ) from None
 
 
 def read_table(path: str, what: str = "data file") -> datasets.Dataset:

@@ -8,9 +8,12 @@ whole split (not a mean of per-batch losses). The final evaluation also generate
 Data:
 - Alpaca JSON/JSONL (`instruction`, optional `input`, `output`), rendered with the Stanford Alpaca prompt;
 - prompt/completion JSONL (`prompt`, `completion`);
-- chat JSONL (`messages`: a list of `{"role", "content"}` ending with the assistant's reply, which is the target),
-  rendered with the tokenizer's chat template when it has one, else with a plain `### User:` / `### Assistant:`
-  layout.
+- conversations: OpenAI `messages` (`role`/`content`: system, user, assistant, tool) or ShareGPT `conversations`
+  (`from`/`value`: system, human, gpt, tool), ending with the assistant's reply, rendered with the tokenizer's chat
+  template when it has one, else with a plain `### User:` / `### Assistant:` layout. Decoders learn every assistant
+  turn (`--train-on assistant`, the default), the last one (`last`) or every token (`all`): tasks/_conversations.py;
+  the validation perplexity covers the same tokens, and generated samples answer the last user turn.
+  Encoder-decoders learn the last reply.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
 
+from ftctl import dataio
 from ftctl.errors import FtctlError
 from ftctl.options import option
-from tasks._generation import GenerationOptions, GenerationTask
+from tasks import _conversations as conversations
+from tasks._generation import GenerationOptions, GenerationTask, special_ids
 from tasks._prompts import PromptFormat, PromptSpec
 from tasks.base import Preset, register_task
 
@@ -37,12 +43,19 @@ FORMATS = {
     "alpaca": ("instruction", "output"),
     "prompt-completion": ("prompt", "completion"),
     "chat": ("messages",),
+    "conversations": ("conversations",),
 }
+CHAT_FORMATS = ("chat", "conversations")
 
 
 @dataclass
 class InstructionOptions(GenerationOptions):
     num_samples: int = option(4, "generate responses for this many validation prompts at the final evaluation")
+    train_on: str = option(
+        "assistant",
+        "conversations: the tokens the loss covers: every assistant turn, the last one, or all tokens",
+        choices=conversations.TRAIN_ON,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -81,7 +94,8 @@ class InstructionTuningTask(GenerationTask):
     )
     presets = {
         "instruction": Preset(
-            "generic: Alpaca JSON (instruction/input/output), prompt/completion or chat (messages) JSONL"
+            "generic: Alpaca JSON (instruction/input/output), prompt/completion, or conversations (OpenAI messages, "
+            "ShareGPT conversations)"
         ),
         "alpaca": Preset("Stanford Alpaca, 52k instruction-following examples", hub=("tatsu-lab/alpaca", None)),
     }
@@ -96,33 +110,78 @@ class InstructionTuningTask(GenerationTask):
             if data_format(ds.column_names) is None:
                 raise FtctlError(
                     f"{split} data is not instruction data; columns found: {', '.join(ds.column_names)} (expected "
-                    "instruction/input/output, prompt/completion or messages)"
+                    "instruction/input/output, prompt/completion, messages or conversations)"
                 )
+            chat = data_format(ds.column_names) in CHAT_FORMATS
             for i, example in enumerate(ds):
-                if not self.target(example):
+                if chat:
+                    conversations.turns_of(example, f"{split} data: conversation {i + 1}")
+                elif not self.target(example):
                     raise FtctlError(f"{split} data: example {i + 1} has an empty response")
         return {}
 
-    def _chat(self, messages: list[dict[str, str]], fmt: PromptFormat | None = None) -> tuple[str, str]:
-        """Chat data: the conversation before the last reply, rendered by the chat template (or a plain layout)."""
-        history, reply = messages[:-1], _reply(messages)
+    def read_file(self, path: str, what: str) -> datasets.Dataset:
+        """JSON conversations are checked turn by turn before Arrow stores them (a turn of another shape would
+        otherwise fail there, without saying which)."""
+        if Path(path).suffix.lower() not in (".json", ".jsonl"):
+            return super().read_file(path, what)
+        rows = dataio.read_records(path, what)
+        if conversations.column(list(rows[0])):
+            for i, row in enumerate(rows):
+                conversations.turns_of(row, f"{what} {path}: conversation {i + 1}")
+        return dataio.dataset_of(rows, path, what)
+
+    def rendering(self, fmt: PromptFormat | None = None) -> conversations.Rendering:
         fmt = fmt or self.prompt_format()
-        if fmt.mode == "chat":
-            text = fmt.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-            return text, reply
-        turns = "".join(f"### {m.get('role', 'user').capitalize()}:\n{m.get('content', '')}\n\n" for m in history)
-        return turns + "### Assistant:\n", reply
+        return conversations.Rendering(fmt.tokenizer, chat=fmt.mode == "chat")
+
+    def encode(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+        """Conversations for decoders: every turn rendered and masked (tasks/_conversations.py); the rest as every
+        generation task encodes."""
+        if not self.decoder or data_format(ds.column_names) not in CHAT_FORMATS:
+            return super().encode(ds, tokenizer)
+        fmt = self.prompt_format(tokenizer)
+        encoder = conversations.Encoder(
+            tokenizer,
+            self.rendering(fmt),
+            min(self.cfg.max_length, tokenizer.model_max_length or self.cfg.max_length),
+            str(self.opts.train_on),
+            special_ids(tokenizer)[0],
+        )
+
+        def encode_batch(batch: dict[str, list]) -> dict[str, list]:
+            out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_ids": [], "references": [], "length": []}
+            for values in zip(*batch.values(), strict=True):
+                example = dict(zip(batch, values, strict=True))
+                encoded = encoder.encode(conversations.turns_of(example, "conversation"))
+                out["input_ids"].append(encoded.input_ids)
+                out["labels"].append(encoded.labels)
+                out["prompt_ids"].append(encoded.prompt_ids)
+                out["references"].append(self.references(example))
+                out["length"].append(len(encoded.input_ids))
+            return out
+
+        encoded = ds.map(encode_batch, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+        encoder.report(len(ds))
+        return encoded
+
+    def _chat(self, example: dict[str, Any], fmt: PromptFormat | None = None) -> str:
+        """A conversation before its last reply, rendered with the generation prompt (the chat template's, or the
+        plain layout's)."""
+        return self.rendering(fmt)(conversations.turns_of(example, "conversation")[:-1], generation_prompt=True)
 
     def unlabelled(self, ds: datasets.Dataset) -> datasets.Dataset:
         form = data_format(ds.column_names) or ("prompt-completion" if "prompt" in ds.column_names else None)
-        if form == "chat":
-            reply = {"role": "assistant", "content": self.PLACEHOLDER}
+        if form in CHAT_FORMATS:
+            key = str(conversations.column(ds.column_names))
+            role_key, text_key, _ = conversations.LAYOUTS[key]
+            reply = {role_key: "assistant" if key == "messages" else "gpt", text_key: self.PLACEHOLDER}
 
             def answered(row: dict[str, Any]) -> dict[str, Any]:
-                messages = list(row["messages"] or [])
-                if messages and messages[-1].get("role") == "assistant":
-                    return {"messages": messages}
-                return {"messages": [*messages, reply]}
+                turns = list(row[key] or [])
+                if turns and turns[-1].get(role_key) in ("assistant", "gpt"):
+                    return {key: turns}
+                return {key: [*turns, reply]}
 
             return ds.map(answered)
         return self.with_column(ds, "completion" if form == "prompt-completion" else "output", self.PLACEHOLDER)
@@ -140,8 +199,8 @@ class InstructionTuningTask(GenerationTask):
     def prompt_parts(self, example: dict[str, Any], fmt: PromptFormat | None = None) -> tuple[str, str, str]:
         form = data_format(list(example))
         fmt = fmt or self.prompt_format()
-        if form == "chat":
-            return "", self._chat(example["messages"], fmt)[0], ""
+        if form in CHAT_FORMATS:
+            return "", self._chat(example, fmt), ""
         if fmt.mode == "chat" or self.opts.prompt_template:
             return fmt.render(self.fields(example), self.shots)
         if form == "prompt-completion":  # the data's own prompt, as written
@@ -154,8 +213,8 @@ class InstructionTuningTask(GenerationTask):
 
     def target(self, example: dict[str, Any]) -> str:
         form = data_format(list(example))
-        if form == "chat":
-            return _reply(example["messages"]).strip()
+        if form in CHAT_FORMATS:
+            return conversations.turns_of(example, "conversation")[-1]["content"].strip()
         return str(example["completion" if form == "prompt-completion" else "output"] or "").strip()
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
@@ -209,10 +268,3 @@ class InstructionTuningTask(GenerationTask):
                 row["generated"] = predictions["samples"][i]
             rows.append(row)
         return rows
-
-
-def _reply(messages: list[dict[str, str]]) -> str:
-    """A chat example's response to learn: its last message, the assistant's."""
-    if not messages or messages[-1].get("role") != "assistant":
-        raise FtctlError("chat examples must end with the assistant's message (the response to learn)")
-    return str(messages[-1].get("content") or "")

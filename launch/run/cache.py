@@ -34,10 +34,13 @@ def cache_root() -> Path:
 
 
 def _code_digest(task: Task) -> str:
+    """The task's code: its classes' modules, and the helper modules beside them (tasks/_conversations.py renders
+    and masks conversations, tasks/_prompts.py writes prompts): a change to any of them encodes anew."""
     digest = hashlib.sha256()
-    for cls in type(task).__mro__:
-        if cls.__module__.startswith("tasks."):
-            digest.update(Path(inspect.getfile(cls)).read_bytes())
+    files = {Path(inspect.getfile(cls)) for cls in type(task).__mro__ if cls.__module__.startswith("tasks.")}
+    helpers = {p for f in files for p in f.parent.glob("_*.py")}
+    for path in sorted(files | helpers):
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
