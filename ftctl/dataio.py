@@ -72,14 +72,15 @@ def check_header(p: Path, delimiter: str, what: str) -> None:
         )
 
 
-def check_fields(p: Path, delimiter: str, quoting: int, what: str) -> None:
+def check_fields(p: Path, delimiter: str, what: str) -> None:
     """Refuse a row with more or fewer fields than the header. pandas would take a first row with one field more
     for an index column and shift every row after it by one column (texts read as labels), or drop the extra
     fields with index_col=False."""
     if delimiter == ONE_COLUMN:
         return
     with p.open(encoding="utf-8", errors="replace", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        unquoted = delimiter == "\t"  # as read_table reads them: GLUE-style TSVs are unquoted
+        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if unquoted else csv.QUOTE_MINIMAL)
         width = len(next(reader, []))
         for row in reader:
             if row and len(row) != width:
@@ -150,7 +151,8 @@ def _kind(value: Any) -> str | None:
         return "true/false"
     if isinstance(value, (int, float)):
         return "a number"
-    return {str: "a text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    kinds: dict[type, str] = {str: "a text", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def check_kinds(rows: list[dict[str, Any]], path: str, what: str) -> None:
@@ -200,7 +202,7 @@ def read_table(path: str, what: str = "data file") -> datasets.Dataset:
             check_header(p, delimiter, what)
             # GLUE-style TSVs are unquoted; quotes inside sentences are text, not field delimiters.
             quoting = csv.QUOTE_NONE if delimiter in ("\t", ONE_COLUMN) else csv.QUOTE_MINIMAL
-            check_fields(p, delimiter, quoting, what)
+            check_fields(p, delimiter, what)
             frame = pd.read_csv(
                 p,
                 sep=delimiter,
