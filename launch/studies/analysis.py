@@ -162,9 +162,21 @@ def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
             comparison.update(paired=True, **difference)
             # "fixed": the best group right where the other is wrong, on the first paired seed
             comparison["flips"] = _flips(b[0]["after_rows"], a[0]["after_rows"], a[0]["view"])
-            target["indistinguishable"] = comparison["within_noise"]
         out["comparisons"].append(comparison)
+    adjust_for_many_comparisons(out["comparisons"], groups)
     return out
+
+
+def adjust_for_many_comparisons(comparisons: list[dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+    """Every method against the best is one family of comparisons: each gets its Holm-adjusted p-value (`holm`)
+    beside the raw one, and its verdict from the adjusted one."""
+    paired = [c for c in comparisons if c.get("paired")]
+    by_label = {_label(g): g for g in groups}
+    for comparison, adjusted in zip(paired, stats.holm([c["p_value"] for c in paired]), strict=True):
+        comparison["holm"] = adjusted
+        comparison["comparisons_in_family"] = len(paired)
+        comparison["verdict"] = "difference" if adjusted < stats.ALPHA else "within noise"
+        by_label[comparison["b"]]["indistinguishable"] = comparison["verdict"] == "within noise"
 
 
 def _few_shot(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any] | None:

@@ -155,8 +155,13 @@ def headline(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, body
 
 
+def _p(value: float) -> str:
+    return f"{value:.3f}" if value >= 0.001 else "<0.001"
+
+
 def comparisons(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["comparison", f"Δ {task.get('primary')}", "95% CI", "p", "verdict", "paired on", "flips (best / other)"]
+    headers = ["comparison", f"Δ {task.get('primary')}", "95% CI", "p (Holm)", "verdict", "paired on",
+               "flips (best / other)"]  # fmt: skip
     body = []
     for c in task.get("comparisons", []):
         if not c.get("paired"):
@@ -168,8 +173,8 @@ def comparisons(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 f"{c['a']} vs {c['b']}",
                 _fmt(c["difference"], "delta"),
                 f"[{_fmt(c['ci'][0], 'delta')}, {_fmt(c['ci'][1], 'delta')}]",
-                f"{c['p_value']:.3f}" if c["p_value"] >= 0.001 else "<0.001",
-                "within noise" if c["within_noise"] else "difference",
+                f"{_p(c['p_value'])} ({_p(c['holm'])})",
+                c["verdict"],
                 f"{c['seeds']} seed(s) x {c['examples']:,} examples",
                 f"{flips['fixed']} / {flips['broken']}" if flips else "-",
             ]
@@ -248,14 +253,16 @@ def _task_sections(task: dict[str, Any]) -> list[tuple[str, Any]]:
         out.append(("table", headline(task)))
         methods = sorted({g["metrics"][task["primary"]].get("ci_method") or "" for g in task["groups"]
                           if task["primary"] in g["metrics"]} - {""})  # fmt: skip
-        legend = "★ best on the main metric; ≈ not distinguishable from it (the paired interval of the difference "
-        legend += "contains zero). Intervals: " + (
+        legend = "★ best on the main metric; ≈ not distinguishable from it (its Holm-adjusted p-value, over all the "
+        legend += "comparisons with the best, is 0.05 or more). Intervals: " + (
             "; ".join(methods) if methods else "none (one run, no per-example predictions)"
         )
         out.append(("text", legend + ". Training time and peak memory are means over seeds; device-hours sum them."))
     if task.get("comparisons"):
         out.append(("h3", "Paired comparisons with the best"))
         out.append(("table", comparisons(task)))
+        out.append(("text", "p: the paired bootstrap's two-sided p-value; in brackets, Holm-adjusted over this "
+                            "table's comparisons (statsmodels), which the verdict reads at 0.05."))  # fmt: skip
         disagreements = disagreement_examples(task)
         if disagreements[1]:
             out.append(("text", "Where they disagree (first paired seed; a few of each):"))

@@ -12,6 +12,10 @@
   over examples (Koehn 2004; sacreBLEU's paired bootstrap); tests/studies/test_stats.py checks it against
   `scipy.stats.bootstrap` and a paired `scipy.stats.permutation_test`.
 
+- **Many comparisons** (every method against a task's best): Holm's step-down correction of their p-values
+  (`statsmodels.stats.multitest.multipletests`, method "holm"), which holds the chance of any false "difference"
+  in the family at 5%; the verdicts read the adjusted p-values.
+
 Every metric is recomputed on each resample from additive per-example statistics (tasks/_statistics.py), so metrics
 that are not averages (entity F1, macro F1, Pearson's r, corpus BLEU) are resampled exactly, not approximated by
 averaging per-example scores.
@@ -26,8 +30,10 @@ from typing import Any
 
 import numpy as np
 from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE  # the family-wise error rate the verdicts hold (Holm-adjusted p-values below it differ)
 RESAMPLES = 2000
 BATCH = 250  # resamples scored at once: bounds memory at BATCH x examples x statistics
 SEED = 0  # resampling is seeded: a report of the same runs gives the same intervals
@@ -145,6 +151,13 @@ def paired_difference(
         "resamples": int(len(differences)),
         "method": "paired hierarchical bootstrap (seeds, then examples)" if k > 1 else "paired bootstrap (examples)",
     }
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values of one family of comparisons, in the order given."""
+    if not p_values:
+        return []
+    return [float(p) for p in multipletests(list(p_values), method="holm")[1]]
 
 
 def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:

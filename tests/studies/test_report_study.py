@@ -76,6 +76,15 @@ def test_seeds_intervals_best_and_paired_comparisons(study, tmp_path):
     near = "full" if best == "lora" else "lora"
     assert comparisons[near]["within_noise"] and groups[near]["indistinguishable"]
     assert not comparisons["head"]["within_noise"] and comparisons["head"]["p_value"] < 0.01
+    # one family of two comparisons with the best: Holm's adjustment, and the verdicts read it
+    raw = [comparisons[m]["p_value"] for m in (near, "head")]
+    low, high = sorted(raw)
+    by_hand = {low: min(1.0, 2 * low), high: min(1.0, max(2 * low, high))}  # Holm's step-down, for two
+    for method in (near, "head"):
+        c = comparisons[method]
+        assert c["holm"] == pytest.approx(by_hand[c["p_value"]]) and c["comparisons_in_family"] == 2
+        assert c["verdict"] == ("difference" if c["holm"] < 0.05 else "within noise")
+    assert comparisons["head"]["verdict"] == "difference" and comparisons[near]["verdict"] == "within noise"
     assert comparisons["head"]["seeds"] == 3 and comparisons["head"]["examples"] == N
     assert comparisons["head"]["difference"] == pytest.approx(np.mean(truth[best]) - np.mean(truth["head"]))
     # flips of the run that has its baseline's predictions: counted example by example

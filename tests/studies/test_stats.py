@@ -117,3 +117,9 @@ def test_pareto_front():
     points = [(1.0, 0.80), (2.0, 0.85), (3.0, 0.84), (0.5, 0.70), (2.0, 0.86)]
     assert stats.pareto_front(points) == [3, 0, 4]
     assert stats.pareto_front([(1.0, 4.0), (2.0, 5.0), (3.0, 3.0)], higher_is_better=False) == [0, 2]
+
+
+def test_holm_adjusts_a_family_of_p_values_as_the_worked_example():
+    """Holm's step-down by hand: sorted p-values times (m, m-1, ...), made monotone, capped at 1."""
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and stats.holm([]) == []
