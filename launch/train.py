@@ -30,6 +30,7 @@ from launch.run.arguments import check_world, total_steps, training_arguments
 from launch.run.config import default_output_dir
 from launch.run.console import console, show_pairs
 from launch.run.dropout import use_cpu_dropout
+from launch.run.launcher import RESUME_PROG
 from launch.run.planning.measure import AllocationProbe, attempt, probed
 from launch.run.planning.prediction import Prediction
 from launch.run.quiet import quiet, quiet_transformers
@@ -205,7 +206,8 @@ def raise_if_stopped(trainer: FtctlTrainer, argv: list[str], prog: str) -> None:
         return
     trainer.accelerator.wait_for_everyone()
     checkpoint = get_last_checkpoint(trainer.args.output_dir)
-    again = shlex.join([*prog.split(), *[a for a in argv if a not in ("--overwrite", "--resume")], "--resume"])
+    prog = os.environ.get(RESUME_PROG) or prog  # launched by `ftctl train --num-processes N ...`: that command
+    again = shlex.join([*shlex.split(prog), *[a for a in argv if a not in ("--overwrite", "--resume")], "--resume"])
     raise RunStopped(
         f"{signal.Signals(stopper.received).name} received: stopped after step {trainer.state.global_step} with a "
         f"checkpoint in {checkpoint}; continue with: {again}",

@@ -76,6 +76,20 @@ def split(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return vars(options), rest
 
 
+RESUME_PROG = "FTCTL_RESUME_PROG"  # how a launched run's "continue with" line starts: the user's own launch
+
+
+def launcher_argv(options: dict[str, Any]) -> list[str]:
+    """The launcher options as flags, the defaults left out (a stopped run's resume command repeats them)."""
+    out: list[str] = []
+    for action in launcher_parser()._actions:  # noqa: SLF001 - argparse keeps its actions only there
+        value = options.get(action.dest)
+        if action.dest == "dry_run" or value is None or value == action.default:
+            continue
+        out += [action.option_strings[0], str(value)]
+    return out
+
+
 def wants_launcher(options: dict[str, Any]) -> bool:
     return bool(
         options.get("accelerate_config")
@@ -179,7 +193,7 @@ def launch(options: dict[str, Any], train_argv: list[str]) -> int:
     if options.get("dry_run"):
         print(shlex.join(cmd))
         return 0
-    env = child_environment()
+    env = child_environment({RESUME_PROG: shlex.join(["ftctl", "train", *launcher_argv(options)])})
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
     relay = StderrRelay(options)
     assert proc.stderr is not None

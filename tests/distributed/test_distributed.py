@@ -301,5 +301,8 @@ def test_sigterm_to_the_launching_ftctl_alone_checkpoints_every_process(setting,
     _, err = proc.communicate(timeout=300)
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("stopped: SIGTERM received"), err
-    assert "--resume" in lines[0] and list(out.glob("checkpoint-*/spec.json"))
+    assert list(out.glob("checkpoint-*/spec.json"))
+    # the command to continue is the user's own launch, with its launcher options
+    assert "continue with: ftctl train --num-processes 2 --main-process-port" in lines[0]
+    assert lines[0].endswith("--resume")
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
