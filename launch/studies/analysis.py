@@ -160,6 +160,13 @@ def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
         else:
             difference = stats.paired_difference([m["evaluation"] for m in a], [m["evaluation"] for m in b], primary)
             comparison.update(paired=True, **difference)
+            per_seed = [
+                x["evaluation"].score(primary) - y["evaluation"].score(primary) for x, y in zip(a, b, strict=True)
+            ]
+            comparison["seeds_needed"] = stats.seeds_needed(per_seed)
+            per_run = [g["device_hours"] / len(g["runs"]) for g in (best, target) if g.get("device_hours")]
+            if comparison["seeds_needed"].get("seeds") and len(per_run) == 2:
+                comparison["seeds_needed"]["device_hours"] = comparison["seeds_needed"]["seeds"] * sum(per_run)
             # "fixed": the best group right where the other is wrong, on the first paired seed
             comparison["flips"] = _flips(b[0]["after_rows"], a[0]["after_rows"], a[0]["view"])
         out["comparisons"].append(comparison)

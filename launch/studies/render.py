@@ -155,17 +155,24 @@ def headline(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, body
 
 
+def _seeds_needed(plan: dict[str, Any]) -> str:
+    if plan.get("seeds") is None:
+        return f"- ({plan['why']})" if plan.get("why") else "-"
+    hours = plan.get("device_hours")
+    return f"{plan['seeds']}" + (f" ({hours:.3f} device-h)" if hours else "")
+
+
 def _p(value: float) -> str:
     return f"{value:.3f}" if value >= 0.001 else "<0.001"
 
 
 def comparisons(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = ["comparison", f"Δ {task.get('primary')}", "95% CI", "p (Holm)", "verdict", "paired on",
-               "flips (best / other)"]  # fmt: skip
+               "seeds to resolve Δ (80%)", "flips (best / other)"]  # fmt: skip
     body = []
     for c in task.get("comparisons", []):
         if not c.get("paired"):
-            body.append([f"{c['a']} vs {c['b']}", "-", "-", "-", c["reason"], "-", "-"])
+            body.append([f"{c['a']} vs {c['b']}", "-", "-", "-", c["reason"], "-", "-", "-"])
             continue
         flips = c.get("flips") or {}
         body.append(
@@ -176,6 +183,7 @@ def comparisons(task: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 f"{_p(c['p_value'])} ({_p(c['holm'])})",
                 c["verdict"],
                 f"{c['seeds']} seed(s) x {c['examples']:,} examples",
+                _seeds_needed(c.get("seeds_needed") or {}),
                 f"{flips['fixed']} / {flips['broken']}" if flips else "-",
             ]
         )

@@ -16,6 +16,10 @@
   (`statsmodels.stats.multitest.multipletests`, method "holm"), which holds the chance of any false "difference"
   in the family at 5%; the verdicts read the adjusted p-values.
 
+- **Seeds needed**: from the spread of the per-seed differences of two methods (paired by seed), the seeds per
+  method a paired t-test needs to resolve the observed difference (or a given smallest effect) at 80% power and
+  the 5% level (`statsmodels.stats.power.TTestPower`; Card et al. 2020 on power in NLP).
+
 Every metric is recomputed on each resample from additive per-example statistics (tasks/_statistics.py), so metrics
 that are not averages (entity F1, macro F1, Pearson's r, corpus BLEU) are resampled exactly, not approximated by
 averaging per-example scores.
@@ -31,6 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE  # the family-wise error rate the verdicts hold (Holm-adjusted p-values below it differ)
@@ -158,6 +163,30 @@ def holm(p_values: Sequence[float]) -> list[float]:
     if not p_values:
         return []
     return [float(p) for p in multipletests(list(p_values), method="holm")[1]]
+
+
+MOST_SEEDS = 1000  # beyond this, "more than 1000": the difference is too small against the seed noise to chase
+
+
+def seeds_needed(differences: Sequence[float], effect: float | None = None, power: float = 0.8) -> dict[str, Any]:
+    """How many seeds per method resolve a difference at `power`: that of the paired per-seed `differences` (or
+    `effect`, the smallest difference worth finding), against their standard deviation. Needs two seeds or more."""
+    values = np.asarray(differences, dtype=float)
+    values = values[np.isfinite(values)]
+    target = abs(float(np.mean(values))) if effect is None else abs(effect)
+    if len(values) < 2:
+        return {"seeds": None, "why": "one seed: no seed variance to plan from"}
+    spread = float(np.std(values, ddof=1))
+    base = {"effect": target, "seed_std": spread, "power": power, "alpha": ALPHA}
+    if spread == 0 or target == 0:
+        why = "the seeds do not vary" if spread == 0 else "no difference to resolve"
+        return {**base, "seeds": None if target == 0 else 2, "why": why}
+    counts = np.arange(
+        2, MOST_SEEDS + 1
+    )  # the smallest count that reaches `power` (solve_power fails on large effects)
+    reached = TTestPower().power(target / spread, nobs=counts, alpha=ALPHA, alternative="two-sided") >= power
+    seeds = int(counts[np.argmax(reached)]) if reached.any() else None
+    return {**base, "seeds": seeds, "why": None if seeds else f"more than {MOST_SEEDS} seeds"}
 
 
 def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:

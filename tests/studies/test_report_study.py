@@ -85,6 +85,12 @@ def test_seeds_intervals_best_and_paired_comparisons(study, tmp_path):
         assert c["holm"] == pytest.approx(by_hand[c["p_value"]]) and c["comparisons_in_family"] == 2
         assert c["verdict"] == ("difference" if c["holm"] < 0.05 else "within noise")
     assert comparisons["head"]["verdict"] == "difference" and comparisons[near]["verdict"] == "within noise"
+    # seeds to resolve each difference, from the spread of the paired per-seed differences
+    for method in (near, "head"):
+        plan = comparisons[method]["seeds_needed"]
+        per_seed = np.asarray(truth[best]) - np.asarray(truth[method])
+        assert plan["effect"] == pytest.approx(abs(per_seed.mean())) and plan["power"] == 0.8
+        assert plan["seed_std"] == pytest.approx(per_seed.std(ddof=1)) if plan["seed_std"] else True
     assert comparisons["head"]["seeds"] == 3 and comparisons["head"]["examples"] == N
     assert comparisons["head"]["difference"] == pytest.approx(np.mean(truth[best]) - np.mean(truth["head"]))
     # flips of the run that has its baseline's predictions: counted example by example

@@ -123,3 +123,31 @@ def test_holm_adjusts_a_family_of_p_values_as_the_worked_example():
     """Holm's step-down by hand: sorted p-values times (m, m-1, ...), made monotone, capped at 1."""
     assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and stats.holm([]) == []
+
+
+def test_seeds_needed_reach_the_power_they_promise_in_simulation():
+    """The seeds `seeds_needed` asks for, simulated: paired per-seed differences drawn with the observed mean and
+    spread, tested with a two-sided paired t-test at 5%, find the difference in about 80% of studies (and one seed
+    fewer in fewer of them)."""
+    from scipy.stats import ttest_1samp
+
+    plan = stats.seeds_needed([0.02, 0.035, 0.01, 0.03, 0.005])
+    n, effect, spread = plan["seeds"], plan["effect"], plan["seed_std"]
+    assert plan["power"] == 0.8 and 2 < n < 40
+
+    def found(seeds: int) -> float:
+        rng = np.random.default_rng(1)
+        draws = rng.normal(effect, spread, size=(4000, seeds))
+        return float(np.mean(ttest_1samp(draws, 0.0, axis=1).pvalue < 0.05))
+
+    from statsmodels.stats.power import TTestPower
+
+    promised = TTestPower().power(effect / spread, nobs=n, alpha=0.05)  # >= 0.8: n is rounded up
+    assert promised >= 0.8 and found(n) == pytest.approx(promised, abs=0.03)
+    assert found(n - 1) < 0.8  # and no fewer seeds would do
+    assert stats.seeds_needed([0.01])["seeds"] is None  # one seed: no variance to plan from
+    assert stats.seeds_needed([0.01, 0.01])["why"] == "the seeds do not vary"
+    assert stats.seeds_needed([0.001, -0.0012, 0.0003])["why"] == "more than 1000 seeds"
+    assert (
+        stats.seeds_needed([0.02, 0.035, 0.01], effect=0.1)["seeds"] < stats.seeds_needed([0.02, 0.035, 0.01])["seeds"]
+    )
