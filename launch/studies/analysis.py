@@ -112,7 +112,7 @@ def _paired(best: list[dict[str, Any]], other: list[dict[str, Any]]) -> tuple[li
     return a, b
 
 
-def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
+def analyse(task: dict[str, Any], members: list[dict[str, Any]], min_effect: float | None = None) -> dict[str, Any]:
     """The study view of one task: `members` are its runs as {row, run, evaluation, after_rows, before_rows}."""
     primary = task["metrics"][0] if task["metrics"] else None
     higher = higher_is_better(primary) if primary else True
@@ -163,7 +163,7 @@ def analyse(task: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
             per_seed = [
                 x["evaluation"].score(primary) - y["evaluation"].score(primary) for x, y in zip(a, b, strict=True)
             ]
-            comparison["seeds_needed"] = stats.seeds_needed(per_seed)
+            comparison["seeds_needed"] = stats.seeds_needed(per_seed, min_effect)
             per_run = [g["device_hours"] / len(g["runs"]) for g in (best, target) if g.get("device_hours")]
             if comparison["seeds_needed"].get("seeds") and len(per_run) == 2:
                 comparison["seeds_needed"]["device_hours"] = comparison["seeds_needed"]["seeds"] * sum(per_run)

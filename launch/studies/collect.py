@@ -347,8 +347,10 @@ def _add_per_example(rows: list[dict[str, Any]], scores: list[tuple[dict, dict]]
             row["per_example"] = per_example
 
 
-def assemble(collected: Collected, title: str) -> dict[str, Any]:
-    """Everything the report shows, as data: what report.json holds and the markdown and plots are drawn from."""
+def assemble(collected: Collected, title: str, min_effect: float | None = None) -> dict[str, Any]:
+    """Everything the report shows, as data: what report.json holds and the markdown and plots are drawn from.
+    `min_effect`: the smallest difference worth finding, which the seeds-needed plan is made for (default: each
+    comparison's observed difference)."""
     groups: dict[str, list[Run]] = {}
     for run in collected.runs:
         groups.setdefault(run.task, []).append(run)
@@ -390,7 +392,7 @@ def assemble(collected: Collected, title: str) -> dict[str, Any]:
                 "searches": [s for s in collected.searches if s.get("task") == name],
             }
         )
-        tasks[-1].update(analysis.analyse(tasks[-1], studied))
+        tasks[-1].update(analysis.analyse(tasks[-1], studied, min_effect))
     return {
         "title": title,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -13,6 +13,7 @@ evaluation data.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -51,12 +52,19 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise FtctlError(f"cannot write to {out}: {ancestor} is not writable")
 
 
-def build(paths: list[str], out: Path, overwrite: bool = False, fmt: str = "md", title: str | None = None) -> dict:
+def build(
+    paths: list[str],
+    out: Path,
+    overwrite: bool = False,
+    fmt: str = "md",
+    title: str | None = None,
+    min_effect: float | None = None,
+) -> dict:
     """Read the runs, then write the report into `out` (staged next to it, then moved in). Returns report.json."""
     _check_output(out, overwrite)
     found = collect(paths)
     default = "ftctl report: " + (", ".join(found.grids) if found.grids else f"{len(found.runs)} runs")
-    report = assemble(found, title or default)
+    report = assemble(found, title or default, min_effect)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if staging.exists():
@@ -94,6 +102,13 @@ def build_parser() -> Any:
     )
     parser.add_argument("--title", help="the report's title")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
+    parser.add_argument(
+        "--min-effect",
+        type=float,
+        metavar="DELTA",
+        help="the smallest difference in the main metric worth finding: the seeds-needed column plans for it "
+        "(default: each comparison's observed difference)",
+    )
     return parser
 
 
@@ -107,7 +122,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = Path(opts["paths"][0]) / "report"
     else:
         raise FtctlError("several directories given: say where the report goes with --output DIR")
-    report = build(opts["paths"], out, opts["overwrite"], opts["format"], opts["title"])
+    effect = opts["min_effect"]
+    if effect is not None and not (math.isfinite(effect) and effect > 0):
+        raise FtctlError(f"--min-effect must be a positive difference in the main metric, got {effect}")
+    report = build(opts["paths"], out, opts["overwrite"], opts["format"], opts["title"], effect)
 
     shown = "report.html" if opts["format"] == "html" else "report.md"
     make_console().print(

@@ -14,6 +14,7 @@ import pytest
 from scipy import stats as scipy_stats
 from test_report import make_run
 
+from ftctl.errors import run_main
 from launch.studies import report
 
 LABELS = ["negative", "positive"]
@@ -91,6 +92,11 @@ def test_seeds_intervals_best_and_paired_comparisons(study, tmp_path):
         per_seed = np.asarray(truth[best]) - np.asarray(truth[method])
         assert plan["effect"] == pytest.approx(abs(per_seed.mean())) and plan["power"] == 0.8
         assert plan["seed_std"] == pytest.approx(per_seed.std(ddof=1)) if plan["seed_std"] else True
+    # planned for the smallest difference the reader cares about (ftctl report --min-effect)
+    planned = report.build([str(root)], tmp_path / "planned", min_effect=0.5)["tasks"][0]["comparisons"]
+    assert all(c["seeds_needed"]["effect"] == 0.5 for c in planned if c.get("paired"))
+    code = run_main(report.main, [str(root), "--output", str(tmp_path / "bad"), "--min-effect", "-1"])
+    assert code == 2 and not (tmp_path / "bad").exists()
     assert comparisons["head"]["seeds"] == 3 and comparisons["head"]["examples"] == N
     assert comparisons["head"]["difference"] == pytest.approx(np.mean(truth[best]) - np.mean(truth["head"]))
     # flips of the run that has its baseline's predictions: counted example by example
