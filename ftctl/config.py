@@ -194,6 +194,11 @@ class RunConfig:
             raise FtctlError("--save-strategy steps needs --save-steps N")
         if self.early_stopping_patience and self.eval_strategy == "no":
             raise FtctlError("--early-stopping-patience needs evaluation: set --eval-strategy epoch or steps")
+        if self.dataset and (self.train_file or self.validation_file or self.test_file):
+            raise FtctlError(
+                f"--dataset {self.dataset} and --train-file/--validation-file/--test-file both name the data; "
+                "give one of them"
+            )
         if self.resume and self.overwrite:
             raise FtctlError("--resume and --overwrite contradict each other; pick one")
         if self.resume_from and self.overwrite:

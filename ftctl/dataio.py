@@ -10,7 +10,7 @@ import csv
 import errno
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import datasets
 import pandas as pd
@@ -60,27 +60,23 @@ def read_text(p: Path, what: str) -> str:
         ) from None
 
 
-def check_header(p: Path, delimiter: str, what: str) -> None:
-    """Refuse a table with two columns of the same name (pandas would silently rename the second one)."""
-    with p.open(encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader([f.readline()], delimiter=delimiter), [])
-    names = [h.strip() for h in header]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise FtctlError(
-            f"{what} {p} has the column header {', '.join(map(repr, twice))} twice; give each column its own name"
-        )
-
-
-def check_fields(p: Path, delimiter: str, what: str) -> None:
-    """Refuse a row with more or fewer fields than the header. pandas would take a first row with one field more
-    for an index column and shift every row after it by one column (texts read as labels), or drop the extra
-    fields with index_col=False."""
-    if delimiter == ONE_COLUMN:
-        return
+def check_table(p: Path, delimiter: str, what: str) -> None:
+    """Refuse a table with two columns of the same name (pandas would silently rename the second one), and a row
+    with more or fewer fields than the header: pandas would take a first row with one field more for an index
+    column and shift every row after it by one column (texts read as labels), or drop the extra fields with
+    index_col=False."""
     with p.open(encoding="utf-8", errors="replace", newline="") as f:
-        unquoted = delimiter == "\t"  # as read_table reads them: GLUE-style TSVs are unquoted
-        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if unquoted else csv.QUOTE_MINIMAL)
+        header = next(csv.reader([f.readline()], delimiter=delimiter), [])
+        names = [h.strip() for h in header]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise FtctlError(
+                f"{what} {p} has the column header {', '.join(map(repr, twice))} twice; give each column its own name"
+            )
+        if delimiter == ONE_COLUMN:
+            return
+        f.seek(0)
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting_of(delimiter))
         width = len(next(reader, []))
         for row in reader:
             if row and len(row) != width:
@@ -94,6 +90,11 @@ def check_fields(p: Path, delimiter: str, what: str) -> None:
                     f"{what} {p}: line {reader.line_num} has {len(row)} {name}-separated fields, the header "
                     f"{width}; {hint}"
                 )
+
+
+def quoting_of(delimiter: str) -> Literal[0, 3]:
+    """GLUE-style TSVs (and one-column files) are unquoted: quotes inside sentences are text, not field delimiters."""
+    return csv.QUOTE_NONE if delimiter in ("\t", ONE_COLUMN) else csv.QUOTE_MINIMAL
 
 
 ONE_COLUMN = "\x1f"  # the ASCII unit separator, never in text: each line of a one-column file is one field
@@ -199,19 +200,16 @@ def read_table(path: str, what: str = "data file") -> datasets.Dataset:
             if suffix == ".csv" and delimiter == ONE_COLUMN:
                 delimiter = ","  # one quoted column: a CSV writer quotes the texts that hold commas
             read_text(p, what)  # a clear line for a file that is not UTF-8
-            check_header(p, delimiter, what)
-            # GLUE-style TSVs are unquoted; quotes inside sentences are text, not field delimiters.
-            quoting = csv.QUOTE_NONE if delimiter in ("\t", ONE_COLUMN) else csv.QUOTE_MINIMAL
-            check_fields(p, delimiter, what)
+            check_table(p, delimiter, what)
             frame = pd.read_csv(
                 p,
                 sep=delimiter,
                 dtype=str,
                 keep_default_na=False,
-                quoting=quoting,
+                quoting=quoting_of(delimiter),
                 encoding="utf-8",
                 on_bad_lines="error",
-                index_col=False,  # never a first column taken for the index (check_fields refused ragged rows)
+                index_col=False,  # never a first column taken for the index (check_table refused ragged rows)
             )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -16,7 +16,7 @@ its last one; only then is it cut at the end. How many were shortened is said on
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -163,7 +163,6 @@ class Encoder:
     shortened: int = 0  # conversations that lost exchanges, were cut, or both
     unmarked: int = 0  # assistant turns the template could not mark
     unrendered: int = 0  # turns whose text the template left out (Phi-3's renders no tool turns)
-    notes: list[str] = field(default_factory=list)
 
     def ids_and_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         if not getattr(self.tokenizer, "is_fast", False):

@@ -204,11 +204,6 @@ class Task:
         cfg = self.cfg
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         if any(files.values()):
-            if cfg.dataset:
-                raise FtctlError(
-                    f"--dataset {cfg.dataset} and --train-file/--validation-file/--test-file both name the data; "
-                    "give one of them"
-                )
             if not cfg.train_file:
                 raise FtctlError("--validation-file/--test-file given without --train-file; training needs train data")
             wanted = ("train",) if cfg.validation_from_train else tuple(files)

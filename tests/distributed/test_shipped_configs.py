@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import cli, free_port
+from conftest import cli, data_args, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -23,17 +23,6 @@ CONFIGS = ("accelerate:cpu_2proc", "accelerate:multi_gpu", "accelerate:deepspeed
            "accelerate:deepspeed_zero3", "deepspeed:zero1")  # fmt: skip
 FAMILIES = {"bert": "sst2", "llama": "sst2_t2t", "t5": "sst2_t2t"}  # encoder, decoder, encoder-decoder
 METHODS = ("lora", "full", "qlora")
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> dict[str, Path]:
-    import tiny
-
-    d = tmp_path_factory.mktemp("shipped")
-    return {
-        "train": tiny.write_jsonl(d / "train.jsonl", tiny.sentences(64, 2)),
-        "validation": tiny.write_jsonl(d / "validation.jsonl", tiny.sentences(16, 3)),
-    }
 
 
 def saved_tensors(out: Path, method: str) -> dict[str, int]:
@@ -50,13 +39,13 @@ def saved_tensors(out: Path, method: str) -> dict[str, int]:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_config_family_method_trains_or_is_refused(config, family, method, models, small, tmp_path):
+def test_config_family_method_trains(config, family, method, models, data, tmp_path):
     kind, name = config.split(":")
     out = tmp_path / "run"
     launch = ["--accelerate-config", name] if kind == "accelerate" else ["--deepspeed", name]
     argv = ["ftctl", "train", *launch, "--main-process-port", str(free_port()), "--num-processes", "2",
             "--task", FAMILIES[family], "--method", method, "--model", str(models[family]),
-            "--train-file", str(small["train"]), "--validation-file", str(small["validation"]),
+            *data_args(data, test=False),
             "--max-steps", "2", "--batch-size", "8", "--report-to", "none", "--eval-strategy", "no",
             "--save-strategy", "steps", "--save-every", "2", "--output-dir", str(out)]  # fmt: skip
     result = cli(*argv, timeout=600)
