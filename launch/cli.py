@@ -66,6 +66,10 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], object]]] = {
     "predict": ("Run a fine-tuned model on new, unlabelled inputs.", _entry("launch.predict:main")),
     "generate": ("Have a generative run answer prompts.", _entry("launch.predict:generate")),
     "merge": ("Fold a run's LoRA-family adapter into its base model.", _entry("launch.merge:main")),
+    "export": (
+        "Export a run as merged weights, ONNX or GGUF, checked to predict what the run does.",
+        _entry("launch.export:main"),
+    ),
     "list": ("What ftctl can do: tasks, presets, methods and which combinations run.", _entry("launch.catalogue:main")),
     "plan": (
         "Predict peak memory and time of a run (train options) or of every cell of a grid (GRID.yaml), before "

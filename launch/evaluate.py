@@ -11,12 +11,10 @@ import dataclasses
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 from transformers import PreTrainedTokenizerBase, set_seed
 
 from ftctl.errors import FtctlError, run_main
@@ -28,8 +26,7 @@ from launch.run.cache import encode_cached
 from launch.run.card import model_card
 from launch.run.console import console, show_metrics
 from launch.run.quiet import quiet, quiet_transformers
-from launch.run.scoring import score
-from launch.run.trainer import build_trainer
+from launch.run.scoring import Scored, evaluation_data, score_model
 from tasks.base import Prompted, Task
 
 
@@ -68,15 +65,6 @@ def build_parser() -> Parser:
     return parser
 
 
-@dataclass
-class Scored:
-    metrics: dict[str, Any]
-    details: dict[str, Any]
-    predictions: Any
-    seconds: float
-    task: Task  # as it scored (a few-shot baseline's carries its examples): its prediction rows show its prompts
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Score a run directory (and, with --baseline/--few-shot, its base model) and write eval.json."""
     quiet()
@@ -88,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = load_run(opts, weights, spec)
     runs.check_weights(weights, run.method.is_peft)
     check_few_shot(run, opts["few_shot"])  # refused before anything is loaded
-    raw, source = evaluation_data(run, opts)
+    raw, source = evaluation_data(run, opts["data"], opts["split"])
 
     quiet_transformers()
     run, tokenizer = runs.with_saved_tokenizer(run, weights)
@@ -176,33 +164,6 @@ def load_run(opts: dict[str, Any], weights: Path, spec: dict[str, Any]) -> runs.
             raise FtctlError(f"--batch-size must be greater than 0, got {opts['batch_size']}")
         overrides["eval_batch_size"] = opts["batch_size"]
     return runs.from_saved(weights, spec, opts["model"], **overrides)
-
-
-def evaluation_data(run: runs.Run, opts: dict[str, Any]) -> tuple[datasets.Dataset, str]:
-    """The examples to score and where they come from: --data, else the run's test (or validation) split."""
-    task, cfg = run.task, run.cfg
-    if opts["data"]:
-        raw = task.read_file(opts["data"], "evaluation data")
-        if cfg.max_eval_samples:
-            raw = raw.select(range(min(len(raw), cfg.max_eval_samples)))
-        split, source = "evaluation", opts["data"]
-    else:
-        data = task.load()
-        split = opts["split"] or ("test" if "test" in data.splits else "validation")
-        if split not in data.splits:
-            raise FtctlError(f"the run's data has no {split} split; pass --data FILE")
-        raw, source = data.splits[split], f"{data.source} ({split})"
-    task.check_data({split: raw}, training=False)
-    return raw, source
-
-
-def score_model(
-    run: runs.Run, args: Any, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, encoded: datasets.Dataset
-) -> Scored:
-    trainer = build_trainer(run.cfg, args, run.task, run.method, model, tokenizer, None, None)
-    started = time.time()
-    metrics, details, predictions = score(trainer, run.task, encoded)
-    return Scored(metrics, details, predictions, time.time() - started, run.task)
 
 
 def eval_json(

@@ -4,7 +4,7 @@ Runs are grouped by (model, method); a group's seeds are its repetitions. For ea
 a 95% interval (a t-interval over seeds, or with a single seed a bootstrap over the evaluation examples), the change
 from the baseline, and the cost (trainable share, training time, peak memory, device-hours). The best group on the
 task's main metric is marked, each other group is compared with it by a paired bootstrap on the same evaluation
-examples (launch/studies/stats.py), and the groups it cannot be told apart from are marked too. Flips count the
+examples (ftctl/stats.py), and the groups it cannot be told apart from are marked too. Flips count the
 examples fine-tuning fixed and broke against the baseline, and those the best group gets right and another wrong.
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from launch.studies import stats
+from ftctl import stats
 from tasks._metrics import higher_is_better
 from tasks.base import ExampleStatistics, RowView
 

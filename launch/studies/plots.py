@@ -9,7 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from launch.studies import stats
+from ftctl import stats
 from launch.studies.collect import _is_number
 
 

@@ -117,8 +117,11 @@ def test_quantized_base_is_merged_into_its_dequantized_weights(trained, tmp_path
 
     run_dir = trained(method, family)
     out = tmp_path / "merged"
-    info = merge([str(run_dir), "--output", str(out)])
+    # 6 steps leave near-even probabilities, which the quantized product and the fp32 one may tip apart
+    info = merge([str(run_dir), "--output", str(out), "--max-disagreement", "10"])
     assert len(info["notes"]) == 1 and "de-quantized" in info["notes"][0]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["agreement"] >= 0.9 and 0 < parity["largest_logit_difference"] < 0.05
     merged = AutoModelForSequenceClassification.from_pretrained(out)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert all(p.dtype == torch.float32 for p in merged.parameters())

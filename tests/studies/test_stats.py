@@ -1,4 +1,4 @@
-"""Study statistics (launch/studies/stats.py) against scipy on known data: the seed t-interval, the bootstrap
+"""Study statistics (ftctl/stats.py) against scipy on known data: the seed t-interval, the bootstrap
 interval of one run, and the paired comparison, which must call a real difference significant, an identical one
 "within noise", and agree with scipy's paired bootstrap and permutation test on one seed."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from launch.studies import stats
+from ftctl import stats
 from tasks import _statistics as statistics
 
 
