@@ -16,6 +16,7 @@ with the same Trainer, batches and post-processing as the trained run.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -149,9 +150,14 @@ def example_batch(task: Task, tokenizer: PreTrainedTokenizerBase, encoded: datas
     (two, so that the batch dimension stays dynamic)."""
     from launch.run.trainer import batch_collator  # the trainer module imports TensorBoard; only the exporter needs it
 
-    rows = [encoded[i] for i in range(min(2, len(encoded)))]
-    if len(rows) < 2:
+    if len(encoded) < 2:
         raise FtctlError("--format onnx: the export is traced on two evaluation examples; the data has fewer")
+    lengths = encoded["length"]
+    shortest = min(range(len(lengths)), key=lengths.__getitem__)
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    # of different lengths, so that the traced batch is padded: an all-ones mask lets attention skip the mask, and
+    # a graph traced that way would ignore the padding of every later batch
+    rows = [encoded[shortest], encoded[longest if longest != shortest else (shortest + 1) % len(encoded)]]
     batch = batch_collator(task, tokenizer, False, False)(rows)
     return {k: v for k, v in batch.items() if k in ONNX_INPUTS}
 
@@ -167,6 +173,8 @@ def export_onnx(model: torch.nn.Module, task: Task, batch: dict[str, torch.Tenso
     batch_dim, seq_dim = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1)
     shapes = tuple({0: batch_dim, 1: seq_dim} for _ in names)
     model = model.float().eval()  # ONNX Runtime's CPU kernels: the graph in float32 whatever the training precision
+    # the exporter's registry warns, once per operator, that torchvision (detection operators) is not installed
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad():
         program = torch.onnx.export(
             _Traced(model, names, outputs).eval(),

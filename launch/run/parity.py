@@ -9,7 +9,8 @@ batches and post-processing (launch/run/scoring.py), so only the model differs. 
 - **metric**: the task's primary metric of each model and the paired bootstrap interval of their difference over
   the examples (ftctl/stats.py, the same test a report uses between methods);
 - **largest output difference**: the largest absolute difference of any output logit between the two on the
-  scored examples (at most LOGIT_EXAMPLES of them; real tokens only where outputs are per token).
+  scored examples (at most LOGIT_EXAMPLES of them; real tokens only where outputs are per token), each model in
+  its own weights' precision (the scoring above runs the trained one in the run's autocast, as `ftctl evaluate`).
 
 A disagreement above `--max-disagreement` percent fails the command (exit 1), naming the examples; what was
 written stays, with parity.json saying it failed.
@@ -172,14 +173,19 @@ def check(
     candidate: torch.nn.Module,
 ) -> tuple[dict[str, Any], Scored, Scored]:
     """Score both models on the same examples and compare them (the module docstring)."""
+    # first: the Trainer's accelerator wraps a model's forward in the run's autocast for good (bf16 on a CPU that
+    # has it), and the logits are compared as the models compute them, not as the run's precision rounds them
+    logits = largest_output_difference(run, tokenizer, encoded, reference, candidate)
     trained = score_model(run, args, reference, tokenizer, encoded)
     exported = score_model(run, args, candidate, tokenizer, encoded, trained.label_names)
     rows_trained = run.task.prediction_rows(raw, trained.predictions)
     rows_exported = run.task.prediction_rows(raw, exported.predictions)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     record = {
         **agreement(rows_trained, rows_exported),
         "metric": metric_difference(run, rows_trained, rows_exported),
-        **largest_output_difference(run, tokenizer, encoded, reference, candidate),
+        **logits,
+        "scored_precision": f"the trained run scored as ftctl evaluate does ({precision} autocast)",
     }
     return record, trained, exported
 
