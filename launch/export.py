@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with tempfile.TemporaryDirectory(prefix="ftctl-export-") as scratch:
-        args = training_arguments(run.cfg, run.task, scratch, run.launch)
+        args = training_arguments(parity.scoring_config(run.cfg), run.task, scratch, run.launch)
         check_world(args)
         _, record = exporting.export_run(
             run, weights, tokenizer, fmt, output, (args, raw, encoded), opts["max_disagreement"], (EXPORT_FILE, info)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with tempfile.TemporaryDirectory(prefix="ftctl-merge-") as scratch:
-        args = training_arguments(run.cfg, run.task, scratch, run.launch)
+        args = training_arguments(parity.scoring_config(run.cfg), run.task, scratch, run.launch)
         check_world(args)
         written, record = exporting.export_run(
             run,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -41,51 +40,18 @@ def task_files(tmp_path_factory) -> dict[str, list[str]]:
     }
 
 
+ORT_CHECK = Path(__file__).resolve().parents[2] / "bench" / "ort_check.py"  # ONNX Runtime and transformers only
+
+
 def export(*args: str) -> dict:
     from launch.export import main
 
     return main(list(args))
 
 
-ORT_CHECK = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np, onnxruntime
-    from transformers import AutoConfig, AutoTokenizer
-    export, predictions = sys.argv[1], sys.argv[2]
-    assert "ftctl" not in sys.modules and "launch" not in sys.modules
-    config = AutoConfig.from_pretrained(export)
-    tokenizer = AutoTokenizer.from_pretrained(export)
-    session = onnxruntime.InferenceSession(export + "/model.onnx", providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    rows = [json.loads(line) for line in open(predictions)]
-    agree = 0
-    for row in rows:
-        if "tokens" in row:
-            enc = tokenizer(row["tokens"], is_split_into_words=True, return_tensors="np")
-            logits = session.run(None, {n: enc[n] for n in names})[0][0]
-            words, seen, tags = enc.word_ids(0), set(), []
-            for position, word in enumerate(words):
-                if word is not None and word not in seen:
-                    seen.add(word)
-                    tags.append(config.id2label[int(logits[position].argmax())])
-            agree += tags == row["prediction"]
-        elif isinstance(row["prediction"], float):  # STS-B: a score
-            enc = tokenizer(row["text"], row["text_pair"], return_tensors="np")
-            score = float(session.run(None, {n: enc[n] for n in names})[0][0][0])
-            agree += abs(score - row["prediction"]) < 1e-3
-        else:
-            enc = tokenizer(row["text"], return_tensors="np")
-            logits = session.run(None, {n: enc[n] for n in names})[0][0]
-            agree += config.id2label[int(logits.argmax())] == row["prediction"]
-    print(json.dumps({"examples": len(rows), "agree": agree}))
-    """
-)
-
-
 def ort_agreement(export_dir: Path, predictions: Path) -> float:
     done = subprocess.run(
-        [sys.executable, "-c", ORT_CHECK, str(export_dir), str(predictions)],
+        [sys.executable, str(ORT_CHECK), str(export_dir), str(predictions)],
         capture_output=True,
         text=True,
         cwd=export_dir,
